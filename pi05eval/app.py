@@ -1,0 +1,180 @@
+"""Orchestration only: compose → validate → build policy → run episodes → write results → log.
+
+Everything that can be checked without simulating (config values, output dir, task ids, the policy's checkpoint
+and whether it supports each task) is checked before the first env starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pi05eval.env.libero_env import configure_rendering
+from pi05eval.env.suite import SuiteConfig, episodes_of, load_tasks
+from pi05eval.env.worker import FaultSpec
+from pi05eval.metrics import format_table, latency_summary, summarize
+from pi05eval.policy.base import Policy
+from pi05eval.results import RunDir, environment_info
+from pi05eval.runner import RunnerConfig, run
+
+log = logging.getLogger("pi05eval")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def suite_config(cfg: DictConfig) -> SuiteConfig:
+    d = OmegaConf.to_container(cfg, resolve=True)
+    d["suites"] = tuple(d["suites"])
+    d["tasks"] = None if d.get("tasks") is None else tuple(int(t) for t in d["tasks"])
+    return SuiteConfig(**d)
+
+
+def runner_config(cfg: DictConfig) -> RunnerConfig:
+    d = OmegaConf.to_container(cfg, resolve=True)
+    if d.get("fault") is not None:
+        d["fault"] = FaultSpec(**d["fault"])
+    return RunnerConfig(**d)
+
+
+def build_policy(cfg: DictConfig) -> tuple[Policy, float]:
+    t0 = time.perf_counter()
+    policy = instantiate(cfg, _convert_="all")
+    if not isinstance(policy, Policy):
+        raise TypeError(f"{cfg.get('_target_')} did not build a Policy (reset/infer/check_task/warmup)")
+    return policy, time.perf_counter() - t0
+
+
+class Progress:
+    """tqdm bar with live success rate and latency p50; also forwards records to the logger."""
+
+    def __init__(self, total: int, done: list[dict[str, Any]], enabled: bool, logger: Any, persist) -> None:
+        self.records = list(done)
+        self.logger = logger
+        self.persist = persist
+        self.bar = tqdm(total=total, initial=len(done), unit="ep", disable=not enabled, dynamic_ncols=True)
+        self._refresh()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.persist(record)
+        self.records.append(record)
+        self.logger.log_episode(record)
+        self.bar.update(1)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        finished = [r for r in self.records if r["status"] != "error"]
+        wins = sum(r["success"] for r in finished)
+        lat = latency_summary([x for r in self.records[-50:] for x in r.get("latency_ms", [])])
+        self.bar.set_postfix(
+            success=f"{wins}/{len(finished)}",
+            errors=len(self.records) - len(finished),
+            p50_ms=f"{lat['p50']:.1f}" if lat["n"] else "-",
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run one evaluation into `run_dir` (resuming what is there); returns the summary."""
+    suite_cfg = suite_config(cfg.suite)
+    runner_cfg = runner_config(cfg.runner)
+    results = RunDir(run_dir)
+    gl = configure_rendering(runner_cfg.mujoco_gl)
+    tasks = load_tasks(suite_cfg)
+    episodes = episodes_of(tasks, suite_cfg)
+
+    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    fingerprint = {
+        "policy": policy_cfg,
+        "suites": list(suite_cfg.suites),
+        "replan_steps": runner_cfg.replan_steps,
+        "num_steps_wait": runner_cfg.num_steps_wait,
+    }
+    resumed = results.check_fingerprint(fingerprint)
+    previous = results.latest_by_key()
+    wanted = {e.key for e in episodes}
+    keep = {
+        k: r for k, r in previous.items() if k in wanted and not (runner_cfg.retry_errors and r["status"] == "error")
+    }
+    todo = [e for e in episodes if e.key not in keep]
+    if resumed:
+        log.info("resuming %s: %d of %d episodes already recorded", results.path, len(keep), len(episodes))
+
+    policy, build_s = build_policy(cfg.policy)
+    for task in tasks:
+        policy.check_task(task.info)
+    warmup_s = policy.warmup()
+    log.info("policy %s built in %.1fs, warm-up %.1fs", cfg.policy.name, build_s, warmup_s)
+
+    old_manifest = results.path / "manifest.json"
+    sessions = []
+    if old_manifest.exists():
+        import json
+
+        sessions = json.loads(old_manifest.read_text()).get("sessions", [])
+    manifest: dict[str, Any] = {
+        **environment_info(),
+        "mujoco_gl": gl,
+        "fingerprint": fingerprint,
+        "policy_name": cfg.policy.name,
+        "suite_name": suite_cfg.name,
+        "build_s": build_s,
+        "warmup_s": warmup_s,
+        "sessions": sessions,
+    }
+    results.write_manifest(manifest)
+    results.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+
+    logger = instantiate(cfg.logger, _convert_="all")
+    try:
+        logger.log_config(OmegaConf.to_container(cfg, resolve=True), str(results.path))
+        progress = Progress(len(episodes), list(keep.values()), runner_cfg.progress, logger, results.append)
+        t0 = time.perf_counter()
+        try:
+            run(policy, todo, runner_cfg, progress, video_dir=str(results.videos), mujoco_gl=gl)
+        finally:
+            progress.close()
+            manifest["sessions"] = [
+                *sessions,
+                {"episodes": len(progress.records) - len(keep), "wall_s": time.perf_counter() - t0},
+            ]
+            results.write_manifest(manifest)
+        summary = write_summary(results, wanted, manifest, cfg)
+        logger.log_summary(summary)
+    finally:
+        logger.close()
+    print(format_table(summary))
+    print(f"results: {results.path}")
+    return summary
+
+
+def write_summary(results: RunDir, wanted: set, manifest: Mapping[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    records = [r for k, r in sorted(results.latest_by_key().items()) if k in wanted]
+    ran = [s for s in manifest["sessions"] if s["episodes"]]
+    wall = sum(s["wall_s"] for s in ran)
+    summary = summarize(records, wall_s=wall if ran else None)
+    summary.update(
+        policy=cfg.policy.name,
+        suite=cfg.suite.name,
+        complete=len(records) == len(wanted),
+        expected_episodes=len(wanted),
+        build_s=manifest["build_s"],
+        warmup_s=manifest["warmup_s"],
+    )
+    results.write_summary(summary)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=cfg.get("log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    evaluate(cfg, HydraConfig.get().runtime.output_dir)
