@@ -98,6 +98,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "suites": list(suite_cfg.suites),
         "replan_steps": runner_cfg.replan_steps,
         "num_steps_wait": runner_cfg.num_steps_wait,
+        "max_steps": runner_cfg.max_steps,
     }
     resumed = results.check_fingerprint(fingerprint)
     previous = results.latest_by_key()
@@ -115,12 +116,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     warmup_s = policy.warmup()
     log.info("policy %s built in %.1fs, warm-up %.1fs", cfg.policy.name, build_s, warmup_s)
 
-    old_manifest = results.path / "manifest.json"
-    sessions = []
-    if old_manifest.exists():
-        import json
-
-        sessions = json.loads(old_manifest.read_text()).get("sessions", [])
+    sessions = results.read_manifest().get("sessions", [])
     manifest: dict[str, Any] = {
         **environment_info(),
         "mujoco_gl": gl,
@@ -131,22 +127,26 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "warmup_s": warmup_s,
         "sessions": sessions,
     }
-    results.write_manifest(manifest)
     results.write_config(OmegaConf.to_yaml(cfg, resolve=True))
 
     logger = instantiate(cfg.logger, _convert_="all")
+    session = {"episodes": 0, "wall_s": 0.0}
+    manifest["sessions"] = [*sessions, session]
+    t0 = time.perf_counter()
+
+    def persist(record: dict[str, Any]) -> None:
+        results.append(record)
+        session.update(episodes=session["episodes"] + 1, wall_s=time.perf_counter() - t0)
+        results.write_manifest(manifest)  # a killed run still accounts for the episodes it finished
+
     try:
         logger.log_config(OmegaConf.to_container(cfg, resolve=True), str(results.path))
-        progress = Progress(len(episodes), list(keep.values()), runner_cfg.progress, logger, results.append)
-        t0 = time.perf_counter()
+        progress = Progress(len(episodes), list(keep.values()), runner_cfg.progress, logger, persist)
         try:
             run(policy, todo, runner_cfg, progress, video_dir=str(results.videos), mujoco_gl=gl)
         finally:
             progress.close()
-            manifest["sessions"] = [
-                *sessions,
-                {"episodes": len(progress.records) - len(keep), "wall_s": time.perf_counter() - t0},
-            ]
+            session["wall_s"] = time.perf_counter() - t0
             results.write_manifest(manifest)
         summary = write_summary(results, wanted, manifest, cfg)
         logger.log_summary(summary)

@@ -81,10 +81,9 @@ class RunDir:
     # ---- run metadata ---------------------------------------------------------------------------------------
     def check_fingerprint(self, fingerprint: Mapping[str, Any]) -> bool:
         """Refuse to mix results of different configs in one dir; True if this is a resume."""
-        f = self.path / MANIFEST
-        if not f.exists():
+        if not (self.path / MANIFEST).exists():
             return False
-        old = json.loads(f.read_text()).get("fingerprint", {})
+        old = self.read_manifest().get("fingerprint", {})
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff)
@@ -93,6 +92,10 @@ class RunDir:
                 "settings or choose another output_dir=..."
             )
         return True
+
+    def read_manifest(self) -> dict[str, Any]:
+        f = self.path / MANIFEST
+        return json.loads(f.read_text()) if f.exists() else {}
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
         _write_json_atomic(self.path / MANIFEST, manifest)

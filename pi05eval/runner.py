@@ -38,6 +38,7 @@ class RunnerConfig:
     num_envs: int = 1  # env worker processes running episodes concurrently
     replan_steps: int = REPLAN_STEPS  # actions of each chunk executed before the next query
     num_steps_wait: int = NUM_STEPS_WAIT  # settle steps with the dummy action
+    max_steps: int | None = None  # None: the suite's openpi limit; an int overrides it (a protocol deviation)
     lazy_render: bool = True  # render only the steps whose images the policy reads
     video: str = "none"  # none | failures | all
     video_fps: int = 10
@@ -51,6 +52,8 @@ class RunnerConfig:
             raise ValueError(f"runner.num_envs must be >= 1, got {self.num_envs}")
         if self.replan_steps < 1:
             raise ValueError(f"runner.replan_steps must be >= 1, got {self.replan_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"runner.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.num_steps_wait < 0:
             raise ValueError(f"runner.num_steps_wait must be >= 0, got {self.num_steps_wait}")
         if self.video not in VIDEO_MODES:
@@ -137,6 +140,7 @@ def run(
     opts = WorkerOptions(
         replan_steps=cfg.replan_steps,
         num_steps_wait=cfg.num_steps_wait,
+        max_steps=cfg.max_steps,
         lazy_render=cfg.lazy_render,
         privileged=policy.needs_privileged,
         mujoco_gl=mujoco_gl,

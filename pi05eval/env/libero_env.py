@@ -137,7 +137,7 @@ def run_episode(
     query: Callable[[dict, int], np.ndarray],
     replan_steps: int,
     num_steps_wait: int,
-    on_frame: Callable[[dict], None] | None = None,
+    max_steps: int | None = None,
 ) -> StepRecord:
     """openpi's episode loop. `query(raw_obs, t)` returns the actions to run open-loop (already cut to replan).
 
@@ -147,7 +147,7 @@ def run_episode(
     raw = env.start_trial(spec.trial)
     t, calls, sim_s = 0, 0, 0.0
     plan: list[np.ndarray] = []
-    limit = spec.task.max_steps + num_steps_wait
+    limit = (max_steps or spec.task.max_steps) + num_steps_wait
     while t < limit:
         if t < num_steps_wait:
             t0 = time.perf_counter()
@@ -156,8 +156,6 @@ def run_episode(
             t += 1
             continue
         if not plan:
-            if on_frame is not None:
-                on_frame(raw)
             plan = list(query(raw, t)[:replan_steps])
             calls += 1
         action = plan.pop(0)

@@ -48,6 +48,7 @@ class FaultSpec:
 class WorkerOptions:
     replan_steps: int
     num_steps_wait: int
+    max_steps: int | None  # None: the task's own limit
     lazy_render: bool
     privileged: bool  # send raw simulator state with each observation
     mujoco_gl: str
@@ -132,7 +133,7 @@ def worker_main(conn: Connection, worker_id: int, opts: WorkerOptions) -> None:
                         env.close()
                     env = None
                     env = TaskEnv(spec.task, lazy_render=opts.lazy_render)
-                rec = run_episode(env, spec, query, opts.replan_steps, opts.num_steps_wait)
+                rec = run_episode(env, spec, query, opts.replan_steps, opts.num_steps_wait, opts.max_steps)
             except EpisodeAborted:
                 conn.send(("aborted",))
                 continue

@@ -1,0 +1,95 @@
+"""Real LIBERO rollouts through `evaluate`: counting, errors, crashes, resume after kill -9, early validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose
+
+from pi05eval.app import evaluate
+
+SHORT = ["suite=libero_spatial", "suite.tasks=[0]", "runner.max_steps=20", "runner.progress=false"]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "episodes.jsonl").read_text().splitlines()]
+
+
+def test_holding_still_is_a_counted_failure(tmp_path) -> None:
+    summary = evaluate(compose(["policy=noop", *SHORT, "suite.trials_per_task=1"]), tmp_path)
+    (rec,) = _records(tmp_path)
+    assert rec["status"] == "failure" and rec["success"] is False
+    assert rec["steps"] == 30 and rec["calls"] == 4 and rec["latency"]["n"] == 4  # 10 wait + 20, replan every 5
+    assert summary["success"] == {"successes": 0, "n": 1, "rate": 0.0, "ci95": summary["success"]["ci95"], "errors": 0}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["versions"]["mujoco"] == "3.2.3" and manifest["versions"]["robosuite"]
+    assert (tmp_path / "config.yaml").read_text().count("libero_spatial") >= 1
+
+
+def test_bad_actions_and_policy_exceptions_are_episode_errors(tmp_path) -> None:
+    cfg = compose([*SHORT, "policy=noop", "policy._target_=faulty_policies.FaultyPolicy", "suite.trials_per_task=4"])
+    summary = evaluate(cfg, tmp_path)
+    recs = sorted(_records(tmp_path), key=lambda r: r["trial"])
+    assert [r["status"] for r in recs] == ["error", "error", "error", "failure"]
+    assert "non-finite" in recs[0]["error"]
+    assert "shape (10, 6)" in recs[1]["error"]
+    assert "policy exploded" in recs[2]["error"]
+    assert summary["success"]["errors"] == 3 and summary["success"]["n"] == 1
+
+
+def test_a_segfaulting_worker_is_recorded_and_replaced(tmp_path) -> None:
+    fault = "+runner.fault={task_id:0,trial:0,kind:segfault,at_call:2}"
+    summary = evaluate(compose(["policy=noop", *SHORT, "suite.trials_per_task=2", "runner.fault=null", fault]), tmp_path)
+    recs = sorted(_records(tmp_path), key=lambda r: r["trial"])
+    assert recs[0]["status"] == "error" and "SIGSEGV" in recs[0]["error"]
+    assert recs[1]["status"] == "failure" and recs[1]["steps"] == 30  # the restarted worker ran trial 1 in full
+    assert summary["success"]["errors"] == 1
+
+
+def test_resume_after_kill_loses_nothing_and_duplicates_nothing(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pi05eval", "policy=noop", "suite=libero_spatial", "suite.tasks=[0]",
+           "suite.trials_per_task=3", "runner.max_steps=5", f"output_dir={run_dir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    episodes = run_dir / "episodes.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # main process and env workers, mid-run
+    proc.wait()
+    before = _records(run_dir)
+    assert 1 <= len(before) < 3, "killed after the first episode and before the last"
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _records(run_dir)
+    assert sorted(r["trial"] for r in after) == [0, 1, 2]
+    assert after[: len(before)] == before  # earlier records untouched
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["episodes"] == 3
+    assert len(json.loads((run_dir / "manifest.json").read_text())["sessions"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["suite.tasks=[3,12]"], r"\[12\] out of range for libero_spatial: task ids are 0\.\.9"),
+        (["suite.trials_per_task=60"], "exceeds the 50 initial states"),
+        (["suite.suites=[libero_100]"], "unknown LIBERO suite"),
+    ],
+)
+def test_bad_suite_selection_fails_before_simulation(tmp_path, overrides: list[str], message: str) -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        evaluate(compose(["policy=noop", *overrides]), tmp_path)
+    assert time.perf_counter() - t0 < 20  # no env was built
+    assert not (tmp_path / "episodes.jsonl").exists()
