@@ -46,7 +46,8 @@ def test_bad_actions_and_policy_exceptions_are_episode_errors(tmp_path) -> None:
 
 def test_a_segfaulting_worker_is_recorded_and_replaced(tmp_path) -> None:
     fault = "+runner.fault={task_id:0,trial:0,kind:segfault,at_call:2}"
-    summary = evaluate(compose(["policy=noop", *SHORT, "suite.trials_per_task=2", "runner.fault=null", fault]), tmp_path)
+    cfg = compose(["policy=noop", *SHORT, "suite.trials_per_task=2", "runner.fault=null", fault])
+    summary = evaluate(cfg, tmp_path)
     recs = sorted(_records(tmp_path), key=lambda r: r["trial"])
     assert recs[0]["status"] == "error" and "SIGSEGV" in recs[0]["error"]
     assert recs[1]["status"] == "failure" and recs[1]["steps"] == 30  # the restarted worker ran trial 1 in full
