@@ -110,6 +110,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if resumed:
         log.info("resuming %s: %d of %d episodes already recorded", results.path, len(keep), len(episodes))
 
+    logger = instantiate(cfg.logger, _convert_="all")  # a missing optional backend fails before the policy build
     policy, build_s = build_policy(cfg.policy)
     for task in tasks:
         policy.check_task(task.info)
@@ -129,7 +130,6 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     }
     results.write_config(OmegaConf.to_yaml(cfg, resolve=True))
 
-    logger = instantiate(cfg.logger, _convert_="all")
     session = {"episodes": 0, "wall_s": 0.0}
     manifest["sessions"] = [*sessions, session]
     t0 = time.perf_counter()

@@ -1,0 +1,75 @@
+"""How a Pi0.5 model runs: `eager` (op by op), `compile` (torch.compile + CUDA graphs, exact shortcuts).
+
+Engines share one contract, a drop-in for `Pi05Model.sample_actions`:
+`prepare(prompt_lengths) -> seconds` (build ahead of the first call), `sample_actions(images, image_masks, tokens,
+token_mask, noise) -> actions` and `stage_ms()` (CUDA-event times of the last call, read after synchronizing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pi05eval.engines.fast import Shortcuts
+
+ENGINES = ("eager", "compile")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """An engine name plus its options; `label` is how benchmarks and results name it."""
+
+    name: str = "compile"
+    shortcuts: dict[str, bool] = field(default_factory=dict)  # Shortcuts fields switched from their default
+    options: dict[str, Any] = field(default_factory=dict)  # CompileOptions fields
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ValueError(f"unknown engine {self.name!r}; choices: {', '.join(ENGINES)}")
+
+    @property
+    def label(self) -> str:
+        opts = [("" if v else "-") + k for k, v in self.shortcuts.items()]
+        opts += [f"{k}={v}" for k, v in self.options.items()]
+        return self.name + (":" + ",".join(opts) if opts else "")
+
+
+def parse_engine_spec(text: str) -> EngineSpec:
+    """`compile:-trim_prefix,-cuda_graph,mode=default` → EngineSpec (a leading `-` switches a flag off)."""
+    from pi05eval.engines.compile import CompileOptions
+
+    name, _, rest = text.partition(":")
+    short_names = {f.name for f in fields(Shortcuts)}
+    option_names = {f.name: f for f in fields(CompileOptions)}
+    shortcuts: dict[str, bool] = {}
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        flag = key.lstrip("+-")
+        if not eq and flag in short_names:
+            shortcuts[flag] = not key.startswith("-")
+        elif not eq and flag in option_names:
+            options[flag] = not key.startswith("-")
+        elif eq and key in option_names:
+            options[key] = value
+        else:
+            raise ValueError(
+                f"unknown engine option {item!r}; flags: {sorted(short_names | set(option_names))}, "
+                f"values: {sorted(option_names)}"
+            )
+    return EngineSpec(name, shortcuts, options)
+
+
+def build_engine(spec: EngineSpec, model, num_steps: int, batch_size: int = 1, precision: str = "bf16"):
+    if spec.name == "eager":
+        from pi05eval.engines.eager import EagerEngine
+
+        return EagerEngine(model, num_steps)
+    from pi05eval.engines.compile import CompiledEngine, CompileOptions
+
+    options = dict(spec.options)
+    if "buckets" in options and isinstance(options["buckets"], str):
+        options["buckets"] = tuple(int(b) for b in options["buckets"].split("/"))
+    return CompiledEngine(
+        model, num_steps, Shortcuts(**spec.shortcuts), CompileOptions(**options), batch_size, precision
+    )

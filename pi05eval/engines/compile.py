@@ -1,0 +1,252 @@
+"""`engine=compile`: the fast path (`fast.py`) compiled with torch.compile and replayed as CUDA graphs.
+
+Per prompt-length bucket (and image-slot pattern) the call is three graphs replayed back to back — vision,
+prefill, denoise (all Euler steps) — with CUDA events between them for per-stage times; no host sync and no Python
+control flow on GPU values inside. Inputs are copied into static buffers; the output buffer is reused by the next
+call. Compiled artifacts are cached on disk (`torch.compiler` cache artifacts, keyed by model config, precision,
+steps, shortcuts, batch, GPU and torch version) so a second process skips the cold build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pi05eval.engines.fast import FastPi05, Shortcuts
+from pi05eval.model.pi05 import Pi05Model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (32, 64, 128, 200)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PI05EVAL_CACHE", Path.home() / ".cache" / "pi05eval")) / "compile"
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """`policy.engine_options` for engine=compile."""
+
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # prompt-length buckets; the model's max_token_len is always added
+    cuda_graph: bool = True  # replay the call as CUDA graphs (CUDA only)
+    compile: bool = True  # torch.compile the stages (off: the fast path runs eagerly, still graph-captured)
+    mode: str = "default"  # inductor mode (graphs are captured by this engine); max-autotune builds > 4 min
+    cache_dir: str | None = None  # None: $PI05EVAL_CACHE/compile or ~/.cache/pi05eval/compile
+
+
+class _Graphs:
+    """Static buffers and captured graphs of one (bucket, kept image slots) shape."""
+
+    def __init__(self, eng: CompiledEngine, bucket: int, keep: tuple[int, ...]) -> None:
+        cfg, dev, b = eng.model.cfg, eng.device, eng.batch_size
+        self.bucket, self.keep = bucket, keep
+        size = cfg.image_size
+        self.images = torch.zeros(b, len(keep), 3, size, size, device=dev)
+        self.img_mask = torch.ones(b, len(keep), dtype=torch.bool, device=dev)
+        self.tokens = torch.zeros(b, bucket, dtype=torch.int64, device=dev)
+        self.token_mask = torch.zeros(b, bucket, dtype=torch.bool, device=dev)
+        self.token_mask[:, 0] = True
+        self.noise = torch.zeros(b, cfg.action_horizon, cfg.action_dim, device=dev)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if eng.use_graphs else []
+        self.eng = eng
+
+    def run_stages(self) -> torch.Tensor:
+        e = self.eng
+        self.img_tokens = e.vision(self.images)
+        self.ks, self.vs, self.key_mask = e.prefill(self.img_tokens, self.img_mask, self.tokens, self.token_mask)
+        self.out = e.denoise(self.noise, self.ks, self.vs, self.key_mask)
+        return self.out
+
+    def capture(self) -> None:
+        """Warm up (compiles) on a side stream, then capture vision / prefill / denoise as three graphs."""
+        e = self.eng
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.run_stages()
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        g_vision, g_prefill, g_denoise = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_vision, pool=pool):
+            self.img_tokens = e.vision(self.images)
+        with torch.cuda.graph(g_prefill, pool=pool):
+            self.ks, self.vs, self.key_mask = e.prefill(self.img_tokens, self.img_mask, self.tokens, self.token_mask)
+        with torch.cuda.graph(g_denoise, pool=pool):
+            self.out = e.denoise(self.noise, self.ks, self.vs, self.key_mask)
+        self.graphs = [g_vision, g_prefill, g_denoise]
+
+    def __call__(self) -> torch.Tensor:
+        if not self.graphs:
+            return self.run_stages()
+        ev = self.events
+        ev[0].record()
+        for g, end in zip(self.graphs, ev[1:], strict=True):
+            g.replay()
+            end.record()
+        return self.out
+
+    def stage_ms(self) -> dict[str, float]:
+        """CUDA-event times of the last replay; call after the output was synchronized."""
+        if not self.graphs:
+            return {}
+        ev = self.events
+        return {name: ev[i].elapsed_time(ev[i + 1]) for i, name in enumerate(("vision", "prefill", "denoise"))}
+
+
+class CompiledEngine:
+    """Drop-in for `Pi05Model.sample_actions` (fixed num_steps and batch size)."""
+
+    name = "compile"
+
+    def __init__(
+        self,
+        model: Pi05Model,
+        num_steps: int,
+        shortcuts: Shortcuts | None = None,
+        options: CompileOptions | None = None,
+        batch_size: int = 1,
+        precision: str = "bf16",
+    ) -> None:
+        shortcuts = shortcuts or Shortcuts()
+        options = options or CompileOptions()
+        self.model = model
+        self.device = model.action_in.weight.device
+        self.batch_size = batch_size
+        self.fast = FastPi05(model, num_steps, shortcuts)
+        self.options = options
+        self.use_graphs = options.cuda_graph and self.device.type == "cuda"
+        max_len = model.cfg.max_token_len
+        self.buckets = tuple(sorted({b for b in options.buckets if b < max_len} | {max_len}))
+        self.key = self._cache_key(precision, num_steps, shortcuts, batch_size)
+        self.cache_file = Path(options.cache_dir or default_cache_dir()) / f"{self.key}.bin"
+        self.graphs: dict[tuple[int, tuple[int, ...]], _Graphs] = {}
+        self.build_s: dict[str, float] = {}
+        self.cache_loaded = self._load_cache() if options.compile else False
+
+        def wrap(fn):
+            return torch.compile(fn, mode=options.mode, dynamic=False, fullgraph=True) if options.compile else fn
+
+        self.vision, self.prefill, self._update = (
+            wrap(self.fast.vision),
+            wrap(self.fast.prefill),
+            wrap(self.fast.update),
+        )
+        self.last: _Graphs | None = None
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    def _cache_key(self, precision: str, num_steps: int, shortcuts: Shortcuts, batch: int) -> str:
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        parts = [
+            repr(self.model.cfg),
+            precision,
+            num_steps,
+            asdict(shortcuts),
+            batch,
+            self.options.mode,
+            gpu,
+            torch.__version__,
+        ]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
+
+    def _load_cache(self) -> bool:
+        if not self.cache_file.exists():
+            return False
+        try:
+            torch.compiler.load_cache_artifacts(self.cache_file.read_bytes())
+        except Exception as e:  # a corrupt or incompatible cache only costs a cold build
+            log.warning("ignoring compile cache %s: %s", self.cache_file, e)
+            return False
+        log.info("loaded compile cache %s", self.cache_file)
+        return True
+
+    def _save_cache(self) -> None:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_file.with_suffix(".tmp")
+        tmp.write_bytes(saved[0])
+        os.replace(tmp, self.cache_file)
+
+    def denoise(self, noise, ks, vs, key_mask) -> torch.Tensor:
+        return self.fast.denoise(noise, ks, vs, key_mask, update=self._update)
+
+    def bucket_for(self, length: int) -> int:
+        """The smallest bucket holding `length` valid prompt tokens (the full length without trimming)."""
+        if not self.fast.s.trim_prefix:
+            return self.model.cfg.max_token_len
+        return next(b for b in self.buckets if b >= length)
+
+    def prepare(self, prompt_lengths: Iterable[int], image_masks: tuple[bool, ...] = (True, True, False)) -> float:
+        """Build (compile + capture) every bucket these prompt lengths need; returns the seconds spent."""
+        t0 = time.perf_counter()
+        keep = (
+            tuple(i for i, m in enumerate(image_masks) if m)
+            if self.fast.s.trim_prefix
+            else tuple(range(len(image_masks)))
+        )
+        for bucket in sorted({self.bucket_for(n) for n in prompt_lengths}):
+            self._graphs(bucket, keep)
+        return time.perf_counter() - t0
+
+    def _graphs(self, bucket: int, keep: tuple[int, ...]) -> _Graphs:
+        key = (bucket, keep)
+        if key not in self.graphs:
+            t0 = time.perf_counter()
+            g = _Graphs(self, bucket, keep)
+            with torch.no_grad():
+                if self.use_graphs:
+                    g.capture()
+                else:
+                    g.run_stages()
+            self.graphs[key] = g
+            self.build_s[f"bucket{bucket}_img{len(keep)}"] = time.perf_counter() - t0
+            log.info(
+                "built %s engine for bucket %d, %d images in %.1fs",
+                self.name,
+                bucket,
+                len(keep),
+                self.build_s[f"bucket{bucket}_img{len(keep)}"],
+            )
+            if self.options.compile:
+                self._save_cache()
+        return self.graphs[key]
+
+    # ------------------------------------------------------------------------------------------------ calling
+
+    @torch.no_grad()
+    def sample_actions(self, images, image_masks, tokens, token_mask, noise, num_steps: int | None = None):
+        """Same contract as `Pi05Model.sample_actions`; returns a buffer overwritten by the next call."""
+        if num_steps not in (None, self.fast.num_steps):
+            raise ValueError(f"engine built for {self.fast.num_steps} steps, called with {num_steps}")
+        if images.shape[0] != self.batch_size:
+            raise ValueError(f"engine built for batch {self.batch_size}, called with {images.shape[0]}")
+        host_masks = image_masks.cpu()
+        lengths = token_mask.cpu().sum(dim=1)
+        bucket = self.bucket_for(int(lengths.max()))
+        images, image_masks, tokens, token_mask = self.fast.select_inputs(
+            images, host_masks, tokens, token_mask, bucket
+        )
+        keep = tuple(i for i, m in enumerate(host_masks.any(dim=0).tolist()) if m or not self.fast.s.trim_prefix)
+        g = self._graphs(bucket, keep)
+        g.images.copy_(images, non_blocking=True)
+        g.img_mask.copy_(image_masks, non_blocking=True)
+        g.tokens.copy_(tokens, non_blocking=True)
+        g.token_mask.copy_(token_mask, non_blocking=True)
+        g.noise.copy_(noise, non_blocking=True)
+        self.last = g
+        return g()
+
+    def stage_ms(self) -> dict[str, float]:
+        return self.last.stage_ms() if self.last is not None else {}

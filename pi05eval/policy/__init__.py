@@ -1,0 +1,1 @@
+"""Policies: the protocol the runner talks to and its implementations."""
