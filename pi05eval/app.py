@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -46,7 +47,12 @@ def runner_config(cfg: DictConfig) -> RunnerConfig:
 
 def build_policy(cfg: DictConfig) -> tuple[Policy, float]:
     t0 = time.perf_counter()
-    policy = instantiate(cfg, _convert_="all")
+    try:
+        policy = instantiate(cfg, _convert_="all")
+    except InstantiationException as e:  # surface the policy's own error (e.g. CheckpointError naming the keys)
+        if e.__cause__ is None:
+            raise
+        raise e.__cause__ from None
     if not isinstance(policy, Policy):
         raise TypeError(f"{cfg.get('_target_')} did not build a Policy (reset/infer/check_task/warmup)")
     return policy, time.perf_counter() - t0

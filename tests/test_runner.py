@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, compose
 
 from pi05eval.app import evaluate
+from pi05eval.policy.bundle import BundleError
 
 SHORT = ["suite=libero_spatial", "suite.tasks=[0]", "runner.max_steps=20", "runner.progress=false"]
 
@@ -56,11 +57,21 @@ def test_a_segfaulting_worker_is_recorded_and_replaced(tmp_path) -> None:
 
 def test_resume_after_kill_loses_nothing_and_duplicates_nothing(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pi05eval", "policy=noop", "suite=libero_spatial", "suite.tasks=[0]",
-           "suite.trials_per_task=3", "runner.max_steps=5", f"output_dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pi05eval",
+        "policy=noop",
+        "suite=libero_spatial",
+        "suite.tasks=[0]",
+        "suite.trials_per_task=3",
+        "runner.max_steps=5",
+        f"output_dir={run_dir}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     episodes = run_dir / "episodes.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
@@ -94,3 +105,47 @@ def test_bad_suite_selection_fails_before_simulation(tmp_path, overrides: list[s
         evaluate(compose(["policy=noop", *overrides]), tmp_path)
     assert time.perf_counter() - t0 < 20  # no env was built
     assert not (tmp_path / "episodes.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    proc = subprocess.run(
+        [sys.executable, "scripts/make_tiny_policy.py", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_tiny_pi05_policy_runs_a_libero_episode_end_to_end(tmp_path, tiny_bundle) -> None:
+    cfg = compose(
+        [
+            "policy=eager_fp32",
+            f"policy.checkpoint={tiny_bundle}",
+            "policy.device=cpu",
+            *SHORT,
+            "suite.trials_per_task=1",
+        ]
+    )
+    summary = evaluate(cfg, tmp_path)
+    (rec,) = _records(tmp_path)
+    assert rec["status"] == "failure" and rec["calls"] == 4  # random weights: it moves, it does not succeed
+    assert set(rec["stage_ms"]) >= {"preprocess", "model", "postprocess"}
+    assert rec["policy_info"]["prompt_truncated"] is False
+    assert summary["latency_ms"]["n"] == 4
+
+
+def test_a_bad_checkpoint_fails_before_any_simulation_naming_the_keys(tmp_path, tiny_bundle) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    weights = load_file(bad / "model.safetensors")
+    missing = next(k for k in weights if k.endswith("time_mlp_in.weight"))
+    del weights[missing]
+    save_file(weights, bad / "model.safetensors")
+    with pytest.raises(BundleError, match=r"missing key\(s\): time_mlp_in\.weight"):
+        evaluate(compose(["policy=eager_bf16", f"policy.checkpoint={bad}", *SHORT]), tmp_path / "run")
+    assert not (tmp_path / "run" / "episodes.jsonl").exists()
