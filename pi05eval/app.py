@@ -132,6 +132,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "suite_name": suite_cfg.name,
         "build_s": build_s,
         "warmup_s": warmup_s,
+        "precision": getattr(policy, "precision_report", None),  # plan, kernels, fidelity ledger
         "sessions": sessions,
     }
     results.write_config(OmegaConf.to_yaml(cfg, resolve=True))
@@ -176,6 +177,14 @@ def write_summary(results: RunDir, wanted: set, manifest: Mapping[str, Any], cfg
         build_s=manifest["build_s"],
         warmup_s=manifest["warmup_s"],
     )
+    if precision := manifest.get("precision"):
+        summary.update(
+            precision=precision["label"],
+            simulated_precision=precision["simulated"],
+            fidelity=precision.get("fidelity"),
+        )
+        if precision["simulated"]:
+            summary["latency_note"] = "simulated precision (fake quantization): latency is not meaningful"
     results.write_summary(summary)
     return summary
 

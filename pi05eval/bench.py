@@ -12,6 +12,7 @@ result as one JSON line.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -20,16 +21,19 @@ import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pi05eval.engines import EngineSpec, build_engine, parse_engine_spec
 from pi05eval.metrics import latency_summary
 from pi05eval.model import Pi05Model, get_config
 
 log = logging.getLogger("pi05eval.bench")
+LIBERO_DIMS = 7  # action dims LIBERO executes (fidelity is measured on these)
 
 
 def random_model(variant: str, device: torch.device, seed: int = 0, overrides: dict | None = None) -> Pi05Model:
@@ -69,6 +73,82 @@ def libero_inputs(cfg, batch: int, prompt_len: int, seed: int = 0) -> tuple[torc
     return images, image_masks, tokens, token_mask, noise
 
 
+def calibration_inputs(cfg, count: int, prompt_len: int, path: str | None) -> list[tuple[torch.Tensor, ...]]:
+    """`count` batch-1 calls: recorded LIBERO frames from a calibration file (random prompt tokens: the weights are
+    random too), or synthetic ones."""
+    calls = [libero_inputs(cfg, 1, prompt_len, seed=1000 + i) for i in range(count)]
+    if path:
+        from pi05eval.precision.calibration import load
+
+        observations = load(Path(path)).observations
+        if len(observations) < count:
+            raise ValueError(f"{path} holds {len(observations)} observations, {count} needed")
+        for call, obs in zip(calls, observations, strict=False):
+            for slot, img in enumerate((obs.image, obs.wrist_image)):
+                x = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 127.5 - 1.0  # [1, 3, 224, 224]
+                call[0][0, slot] = F.interpolate(x, size=cfg.image_size, mode="bilinear")[0]
+    return calls
+
+
+def precision_preset(name: str) -> dict[str, Any]:
+    """conf/policy/precision/<name>.yaml composed (its defaults applied), or inline `prefix.mlp=fp8,...`."""
+    if "=" in name:
+        return dict(item.split("=", 1) for item in name.split(","))
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pi05eval.app import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["policy=eager_bf16", f"policy/precision={name}"])
+    plan = OmegaConf.to_container(cfg.policy.precision, resolve=False)
+    plan.pop("calibration", None)
+    return plan
+
+
+def run_precision(model, name: str, specs, inputs, args, refs, calib) -> list[dict[str, Any]]:
+    """Quantize a copy of the bf16 model per a precision preset, then time every non-eager spec on it."""
+    from pi05eval.precision.plan import PrecisionPlan, check_hardware
+    from pi05eval.precision.quantize import apply_plan, check_engine
+
+    plan = PrecisionPlan.parse(precision_preset(name))
+    dev = model.action_in.weight.device
+    check_engine(plan, "compile")
+    check_hardware(plan, torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None)
+    calib_calls, held = calib[: args.calib_n], calib[args.calib_n :]
+    with torch.no_grad():
+        reference = [
+            model.sample_actions(*[x.to(dev) for x in c], num_steps=args.steps)[0, :, :LIBERO_DIMS]
+            .float()
+            .cpu()
+            .numpy()
+            for c in held
+        ]
+
+    def loop(m) -> None:
+        with torch.no_grad():
+            for c in calib_calls:
+                m.sample_actions(*[x.to(dev) for x in c], num_steps=args.steps)
+
+    t0 = time.perf_counter()
+    quantized = apply_plan(copy.deepcopy(model), plan, loop, keep_fake_quant=False)
+    quantize_s = time.perf_counter() - t0
+    out = []
+    for spec in specs:
+        if spec.name == "eager" and not args.eager_quantized:
+            continue
+        r = run_config(quantized.model, spec, inputs, args, refs, precision=plan.label, held_out=(held, reference))
+        r.update(quantize_s=quantize_s, layers=quantized.describe()["layers"])
+        if name == args.profile_precision and dev.type == "cuda":  # which kernels the quantized call launches
+            path = f"{args.profile or 'profile'}.{name}.txt"
+            r["profile"] = profile_kernels(quantized.model, spec, inputs, args.steps, path, precision=plan.label)
+        out.append(r)
+    del quantized
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def time_engine(engine, inputs, warmup: int, calls: int) -> dict[str, Any]:
     """Warm-up then `calls` timed calls: host inputs in, host actions out."""
     for _ in range(warmup):
@@ -81,23 +161,36 @@ def time_engine(engine, inputs, warmup: int, calls: int) -> dict[str, Any]:
         wall.append((time.perf_counter() - t0) * 1e3)
         for k, v in engine.stage_ms().items():
             stages.setdefault(k, []).append(v)
-    return {"wall_ms": latency_summary(wall), "stage_ms": {k: latency_summary(v) for k, v in stages.items()},
-            "raw_ms": [round(x, 4) for x in wall], "actions": out}
+    return {
+        "wall_ms": latency_summary(wall),
+        "stage_ms": {k: latency_summary(v) for k, v in stages.items()},
+        "raw_ms": [round(x, 4) for x in wall],
+        "actions": out,
+    }
 
 
-def run_config(model, spec: EngineSpec, inputs, args, refs: dict[str, torch.Tensor]) -> dict[str, Any]:
+def run_config(
+    model, spec: EngineSpec, inputs, args, refs: dict[str, torch.Tensor], precision: str = "bf16", held_out=None
+) -> dict[str, Any]:
+    """Build, time and check one engine spec; `held_out` = (inputs list, eager bf16 actions list) for fidelity."""
     dev = model.action_in.weight.device
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    engine = build_engine(spec, model, args.steps, batch_size=inputs[0].shape[0])
+    engine = build_engine(spec, model, args.steps, batch_size=inputs[0].shape[0], precision=precision)
     engine.prepare([int(inputs[3].sum(dim=1).max())])
     build_s = time.perf_counter() - t0
     res = time_engine(engine, inputs, args.warmup, args.calls)
     actions = res.pop("actions")
+    if held_out is not None:
+        from pi05eval.precision.fidelity import agreement
+
+        outs = [engine.sample_actions(*x)[0, :, :LIBERO_DIMS].float().cpu().numpy() for x in held_out[0]]
+        res["fidelity_vs_eager_bf16"] = agreement(held_out[1], outs)
     res.update(
-        name=spec.label,
+        precision=precision,
+        name=spec.label if precision == "bf16" else f"{spec.label}@{precision}",
         spec=asdict(spec),
         build_s=build_s,
         cache_loaded=bool(getattr(engine, "cache_loaded", False)),
@@ -108,12 +201,14 @@ def run_config(model, spec: EngineSpec, inputs, args, refs: dict[str, torch.Tens
     return res
 
 
-def profile_kernels(model, spec: EngineSpec, inputs, steps: int, path: str | None) -> dict[str, Any]:
+def profile_kernels(
+    model, spec: EngineSpec, inputs, steps: int, path: str | None, precision: str = "bf16"
+) -> dict[str, Any]:
     """Kernels launched by one call of `spec` run without CUDA graphs (graph replays hide them from the profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     spec = EngineSpec(spec.name, spec.shortcuts, {**spec.options, "cuda_graph": False})
-    engine = build_engine(spec, model, steps, batch_size=inputs[0].shape[0])
+    engine = build_engine(spec, model, steps, batch_size=inputs[0].shape[0], precision=precision)
     for _ in range(3):
         engine.sample_actions(*inputs).cpu()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -123,13 +218,26 @@ def profile_kernels(model, spec: EngineSpec, inputs, steps: int, path: str | Non
     if path:
         with open(path, "w") as f:
             f.write(table)
-    return {"spec": spec.label, "kernels_per_call": len(events),
-            "kernel_ms": sum(e.device_time for e in events) / 1e3}
+    return {"spec": spec.label, "kernels_per_call": len(events), "kernel_ms": sum(e.device_time for e in events) / 1e3}
+
+
+def save_partial(path: str | None, results: list[dict[str, Any]]) -> None:
+    """What finished so far (a long run cut short by a time limit keeps its results)."""
+    if path:
+        with open(path + ".partial", "w") as f:
+            json.dump(
+                {"env": environment(), "results": [{k: v for k, v in r.items() if k != "raw_ms"} for r in results]}, f
+            )
 
 
 def environment() -> dict[str, Any]:
-    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda, "argv": sys.argv}
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "argv": sys.argv,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["capability"] = list(torch.cuda.get_device_capability())
@@ -143,18 +251,48 @@ def environment() -> dict[str, Any]:
 
 
 def format_rows(results: list[dict[str, Any]], base: float | None) -> str:
-    head = ("config", "batch", "steps", "p50 ms", "p90", "p99", "max", "vision", "prefill", "denoise", "x eager",
-            "calls/s", "build s", "mem GiB", "|Δ| bf16", "|Δ| fp32")
+    head = (
+        "config",
+        "batch",
+        "steps",
+        "p50 ms",
+        "p90",
+        "p99",
+        "max",
+        "vision",
+        "prefill",
+        "denoise",
+        "x eager",
+        "calls/s",
+        "build s",
+        "mem GiB",
+        "|Δ| bf16",
+        "|Δ| fp32",
+        "x bf16",
+        "cos held-out",
+    )
     rows = [head]
     for r in results:
         w, s = r["wall_ms"], r["stage_ms"]
-        rows.append((
-            r["name"], str(r["batch"]), str(r["steps"]), f"{w['p50']:.2f}", f"{w['p90']:.2f}", f"{w['p99']:.2f}",
-            f"{w['max']:.2f}", *(f"{s[k]['p50']:.2f}" if k in s else "-" for k in ("vision", "prefill", "denoise")),
-            f"{base / w['p50']:.1f}" if base else "-", f"{r['calls_per_s']:.1f}", f"{r['build_s']:.1f}",
-            f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-",
-            *(f"{r['max_abs_diff'].get(k, float('nan')):.2e}" for k in ("eager_bf16", "eager_fp32")),
-        ))
+        rows.append(
+            (
+                r["name"],
+                str(r["batch"]),
+                str(r["steps"]),
+                f"{w['p50']:.2f}",
+                f"{w['p90']:.2f}",
+                f"{w['p99']:.2f}",
+                f"{w['max']:.2f}",
+                *(f"{s[k]['p50']:.2f}" if k in s else "-" for k in ("vision", "prefill", "denoise")),
+                f"{base / w['p50']:.1f}" if base else "-",
+                f"{r['calls_per_s']:.1f}",
+                f"{r['build_s']:.1f}",
+                f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-",
+                *(f"{r['max_abs_diff'].get(k, float('nan')):.2e}" for k in ("eager_bf16", "eager_fp32")),
+                f"{r['speedup_vs_bf16_same_engine']:.2f}" if r.get("speedup_vs_bf16_same_engine") else "-",
+                f"{r['fidelity_vs_eager_bf16']['cosine']:.5f}" if r.get("fidelity_vs_eager_bf16") else "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -164,8 +302,12 @@ def format_rows(results: list[dict[str, Any]], base: float | None) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="pi05", help="model variant with random weights (pi05 | tiny)")
-    p.add_argument("--engines", nargs="+", default=["eager", "compile"],
-                   help="engine specs: eager | compile | compile:-trim_prefix,-cuda_graph,mode=default")
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        default=["eager", "compile"],
+        help="engine specs: eager | compile | compile:-trim_prefix,-cuda_graph,mode=default",
+    )
     p.add_argument("--steps", type=int, nargs="+", default=[10])
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--prompt-len", type=int, default=30, help="valid prompt tokens (LIBERO prompts: ~15-30)")
@@ -175,6 +317,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--profile", help="also profile the kernels of the last engine spec; table written to this file")
+    p.add_argument(
+        "--precisions",
+        nargs="*",
+        default=[],
+        help="precision presets (conf/policy/precision/*.yaml) or inline 'prefix.mlp=fp8,...' to run "
+        "on every non-eager engine spec, besides bf16; batch 1 only",
+    )
+    p.add_argument("--profile-precision", help="profile the last engine spec on this precision preset too")
+    p.add_argument("--calib", help="calibration observations (.npz written by pi05eval.precision.calibration)")
+    p.add_argument("--calib-n", type=int, default=32, help="calls fed to calibration")
+    p.add_argument("--holdout", type=int, default=8, help="further calls for fidelity vs eager bf16")
+    p.add_argument("--eager-quantized", action="store_true", help="also time the quantized model eagerly")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev = torch.device(args.device)
@@ -195,24 +349,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = run_config(model, spec, inputs, argparse.Namespace(**{**vars(args), "steps": steps}), refs)
                 r.update(batch=batch, steps=steps)
                 results.append(r)
+                save_partial(args.out, results)
                 log.info("%s batch %d steps %d: p50 %.2f ms", r["name"], batch, steps, r["wall_ms"]["p50"])
-    for r in results:  # ratios against eager bf16 of the same batch and steps
-        same = [x for x in results if (x["batch"], x["steps"]) == (r["batch"], r["steps"])]
+            if args.precisions and batch == 1:
+                calib = calibration_inputs(model.cfg, args.calib_n + args.holdout, args.prompt_len, args.calib)
+                step_args = argparse.Namespace(**{**vars(args), "steps": steps})
+                for name in args.precisions:
+                    try:
+                        rs = run_precision(model, name, specs, inputs, step_args, refs, calib)
+                    except Exception as e:  # one preset failing (e.g. hardware) must not lose the others
+                        log.exception("precision %s failed", name)
+                        results.append({"name": f"@{name}", "error": repr(e), "batch": batch, "steps": steps})
+                        continue
+                    for r in rs:
+                        r.update(batch=batch, steps=steps)
+                        log.info("%s: p50 %.2f ms", r["name"], r["wall_ms"]["p50"])
+                    results.extend(rs)
+                    save_partial(args.out, results)
+    timed = [r for r in results if "wall_ms" in r]
+    for r in timed:  # ratios against eager bf16, and the same spec in bf16, of the same batch and steps
+        same = [x for x in timed if (x["batch"], x["steps"]) == (r["batch"], r["steps"])]
         base = next((x for x in same if x["name"] == "eager"), None)
         r["speedup_vs_eager"] = base["wall_ms"]["p50"] / r["wall_ms"]["p50"] if base else None
+        bf16 = next((x for x in same if x["name"] == r["name"].split("@")[0]), None)
+        r["speedup_vs_bf16_same_engine"] = bf16["wall_ms"]["p50"] / r["wall_ms"]["p50"] if bf16 else None
     out = {"env": environment(), "prompt_len": args.prompt_len, "variant": args.variant, "results": results}
     if args.profile and dev.type == "cuda":
-        out["profile"] = profile_kernels(model, specs[-1], libero_inputs(model.cfg, 1, args.prompt_len), args.steps[-1],
-                                         args.profile)
+        out["profile"] = profile_kernels(
+            model, specs[-1], libero_inputs(model.cfg, 1, args.prompt_len), args.steps[-1], args.profile
+        )
         print(f"profile: {out['profile']}")
     for batch in args.batch:
         for steps in args.steps:
-            sub = [r for r in results if (r["batch"], r["steps"]) == (batch, steps)]
+            sub = [r for r in timed if (r["batch"], r["steps"]) == (batch, steps)]
             base = next((r["wall_ms"]["p50"] for r in sub if r["name"] == "eager"), None)
             print(format_rows(sub, base))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+    for r in results:
+        if "error" in r:
+            print(f"FAILED {r['name']}: {r['error']}")
     print(json.dumps({**out, "results": [{k: v for k, v in r.items() if k != "raw_ms"} for r in results]}))
     return out
 

@@ -112,6 +112,13 @@ def format_table(summary: Mapping[str, Any]) -> str:
             f"policy call latency (ms, n={lat['n']}): p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  "
             f"p99 {lat['p99']:.2f}  mean {lat['mean']:.2f}  max {lat['max']:.2f}"
         )
+    if summary.get("simulated_precision"):
+        lines.append("latency: NOT MEANINGFUL — the precision plan was simulated with fake quantization")
+    if fid := (summary.get("fidelity") or {}).get("plan"):
+        lines.append(
+            f"fidelity vs {summary['fidelity'].get('reference', 'reference')} (n={fid['n']} held-out): cosine "
+            f"{fid['cosine']:.5f}  max|Δ| {fid['max_abs']:.4g}  nMSE {fid['nmse']:.3g}"
+        )
     if summary.get("episodes_per_hour"):
         lines.append(
             f"wall {summary['wall_s']:.1f}s  episodes/hour {summary['episodes_per_hour']:.1f}  "

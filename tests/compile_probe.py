@@ -23,11 +23,15 @@ if __name__ == "__main__":
     engine = CompiledEngine(model, 2, options=CompileOptions(cache_dir=sys.argv[1]))
     build_s = engine.prepare([12])
     out = engine.sample_actions(*inputs)
-    print(json.dumps({
-        "cache_loaded": engine.cache_loaded,
-        "fx_hits": counters["inductor"]["fxgraph_cache_hit"],
-        "fx_misses": counters["inductor"]["fxgraph_cache_miss"],
-        "build_s": build_s,
-        "max_abs_diff": float((out - ref).abs().max()),
-        "ref_scale": float(ref.abs().max()),
-    }))
+    print(
+        json.dumps(
+            {
+                "cache_loaded": engine.cache_loaded,
+                "fx_hits": counters["inductor"]["fxgraph_cache_hit"],
+                "fx_misses": counters["inductor"]["fxgraph_cache_miss"],
+                "build_s": build_s,
+                "max_abs_diff": float((out - ref).abs().max()),
+                "ref_scale": float(ref.abs().max()),
+            }
+        )
+    )

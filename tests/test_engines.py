@@ -46,8 +46,14 @@ def test_pad_tokens_inside_a_bucket_change_nothing(fp32_model, inputs, flags) ->
     """23 valid tokens run in the 32 bucket (9 pads kept) and, with tiny buckets, in the full 200 one."""
     ref = fp32_model.sample_actions(*inputs, num_steps=2)
     for buckets in [(32, 64), (8,)]:  # (8,): longer than the largest bucket → the model's max length
-        engine = CompiledEngine(fp32_model, 2, Shortcuts(**flags), CompileOptions(buckets=buckets, compile=False),
-                                batch_size=2, precision="fp32")
+        engine = CompiledEngine(
+            fp32_model,
+            2,
+            Shortcuts(**flags),
+            CompileOptions(buckets=buckets, compile=False),
+            batch_size=2,
+            precision="fp32",
+        )
         out = engine.sample_actions(*inputs)
         assert list(engine.graphs) == [(buckets[0] if buckets[0] >= 23 else 200, (0, 1))]
         assert torch.isfinite(out).all() and (out - ref).abs().max() <= 1e-5
@@ -63,13 +69,18 @@ def test_engine_refuses_calls_it_was_not_built_for(fp32_model, inputs) -> None:
 
 def test_engine_specs_parse_and_reject_unknown_options() -> None:
     spec = parse_engine_spec("compile:-trim_prefix,fold_time,-cuda_graph,mode=default")
-    assert spec == EngineSpec("compile", {"trim_prefix": False, "fold_time": True},
-                              {"cuda_graph": False, "mode": "default"})
+    assert spec == EngineSpec(
+        "compile", {"trim_prefix": False, "fold_time": True}, {"cuda_graph": False, "mode": "default"}
+    )
     assert spec.label == "compile:-trim_prefix,fold_time,cuda_graph=False,mode=default"
     with pytest.raises(ValueError, match="unknown engine option 'warp_speed'"):
         parse_engine_spec("compile:warp_speed")
-    with pytest.raises(ValueError, match="choices: eager, compile"):
-        parse_engine_spec("tensorrt")
+    with pytest.raises(ValueError, match="choices: eager, compile, tensorrt"):
+        parse_engine_spec("onnx")
+    # each engine takes its own options
+    assert parse_engine_spec("tensorrt:-trim_prefix,optimization_level=5").options == {"optimization_level": "5"}
+    with pytest.raises(ValueError, match="unknown engine option 'mode=default'"):
+        parse_engine_spec("tensorrt:mode=default")
 
 
 def test_eager_engine_is_the_model(fp32_model, inputs) -> None:
@@ -83,8 +94,9 @@ def test_compiled_engine_matches_eager_and_its_cache_serves_a_second_process(tmp
     runs = []
     for i in range(2):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}")}  # no shared inductor cache
-        proc = subprocess.run([sys.executable, str(probe), str(tmp_path / "cache")], env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(probe), str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     cold, warm = runs

@@ -35,8 +35,18 @@ def test_latency_summary_percentiles() -> None:
 
 
 def _record(task: int, trial: int, status: str) -> dict:
-    return {"suite": "libero_spatial", "task_id": task, "task": f"t{task}", "trial": trial, "status": status,
-            "success": status == "success", "steps": 100, "sim_s": 2.0, "wall_s": 3.0, "latency_ms": [1.0, 3.0]}
+    return {
+        "suite": "libero_spatial",
+        "task_id": task,
+        "task": f"t{task}",
+        "trial": trial,
+        "status": status,
+        "success": status == "success",
+        "steps": 100,
+        "sim_s": 2.0,
+        "wall_s": 3.0,
+        "latency_ms": [1.0, 3.0],
+    }
 
 
 def test_summary_counts_errors_apart() -> None:

@@ -13,6 +13,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
+from pi05eval.engines.tensorrt import MissingBackendError
 from pi05eval.policy.base import ActionChunk, Observation, Policy, TaskInfo
 from pi05eval.policy.pi05 import Pi05Policy, build_pi05_policy
 from pi05eval.policy.tokenizer import PromptTokenizer
@@ -125,11 +126,11 @@ def test_nan_weights_raise_a_clear_error(tiny: Path, tmp_path: Path) -> None:
 
 def test_bad_choices_fail_before_loading(tmp_path: Path) -> None:
     absent = tmp_path / "absent"  # never reached: the choices are checked first
-    with pytest.raises(NotImplementedError, match="not available yet"):
+    with pytest.raises(MissingBackendError, match=r'pip install "pi05eval\[tensorrt\]"'):  # not installable here
         build_pi05_policy("x", absent, engine="tensorrt")
-    with pytest.raises(ValueError, match="choices: eager"):
+    with pytest.raises(ValueError, match="choices: eager, compile, tensorrt"):
         build_pi05_policy("x", absent, engine="eagre")
-    with pytest.raises(ValueError, match="choices: bf16, fp32"):
+    with pytest.raises(ValueError, match="as a single word must be one of bf16, fp32"):
         build_pi05_policy("x", absent, precision="fp8")
     with pytest.raises(ValueError, match="choices: quantile, zscore"):
         build_pi05_policy("x", absent, norm="minmax")

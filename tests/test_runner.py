@@ -149,3 +149,93 @@ def test_a_bad_checkpoint_fails_before_any_simulation_naming_the_keys(tmp_path, 
     with pytest.raises(BundleError, match=r"missing key\(s\): time_mlp_in\.weight"):
         evaluate(compose(["policy=eager_bf16", f"policy.checkpoint={bad}", *SHORT]), tmp_path / "run")
     assert not (tmp_path / "run" / "episodes.jsonl").exists()
+
+
+SIMULATED_PLANS = ["fp8", "trt_fp8", "int8", "w4a16", "nvfp4", "fp16"]
+
+
+def test_every_precision_plan_runs_a_libero_episode_simulated_on_cpu(tmp_path, tiny_bundle, monkeypatch) -> None:
+    """The simulated path of every preset: calibration frames recorded from the suite, ModelOpt fake quantization
+    (NVFP4: pi05eval's rounding, ModelOpt's needs CUDA), a real episode, and the fidelity ledger in summary.json."""
+    pytest.importorskip("modelopt")
+    monkeypatch.setenv("PI05EVAL_CACHE", str(tmp_path / "cache"))
+    calib = ["policy.precision.calibration.num_obs=2", "policy.precision.calibration.holdout=2"]
+    for preset in SIMULATED_PLANS:
+        run = tmp_path / preset
+        cfg = compose(
+            [
+                "policy=eager_bf16",
+                f"policy/precision={preset}",
+                "policy.precision.simulate=true",
+                *calib,
+                f"policy.checkpoint={tiny_bundle}",
+                "policy.device=cpu",
+                *SHORT,
+                "suite.trials_per_task=1",
+                "runner.max_steps=10",
+            ]
+        )
+        summary = evaluate(cfg, run)
+        (rec,) = _records(run)
+        assert rec["status"] == "failure", (preset, rec)  # ran to the step limit, no error
+        if preset == "fp16":  # float formats run for real even when simulate=true: nothing to fake-quantize
+            assert summary["simulated_precision"] is False and "latency_note" not in summary
+        else:
+            assert summary["simulated_precision"] is True and "not meaningful" in summary["latency_note"]
+        fid = json.loads((run / "summary.json").read_text())["fidelity"]
+        assert fid["plan"]["n"] == 2 and 0 < fid["plan"]["cosine"] <= 1 + 1e-9, (preset, fid)
+        if preset != "fp16":  # a float-only plan has nothing to quantize one component at a time
+            assert fid["plan"]["max_abs"] > 0, preset
+    # the calibration frames were recorded once, from the run's suite, and reused
+    assert len(list((tmp_path / "cache" / "calibration").glob("libero_spatial-*.npz"))) == 1
+
+
+def test_calibration_frames_from_another_suite_are_refused(tmp_path, tiny_bundle, monkeypatch) -> None:
+    import shutil
+
+    from pi05eval.precision.plan import PrecisionError
+
+    monkeypatch.setenv("PI05EVAL_CACHE", str(tmp_path / "cache"))
+    calib_dir = tmp_path / "cache" / "calibration"
+    base = [
+        "policy=eager_bf16",
+        "policy/precision=fp8",
+        "policy.precision.simulate=true",
+        "policy.precision.calibration.num_obs=1",
+        "policy.precision.calibration.holdout=0",
+        f"policy.checkpoint={tiny_bundle}",
+        "policy.device=cpu",
+        *SHORT,
+        "suite.trials_per_task=1",
+        "runner.max_steps=5",
+    ]
+    evaluate(compose(base), tmp_path / "a")
+    (recorded,) = calib_dir.glob("*.npz")
+    other = tmp_path / "spatial.npz"
+    shutil.copy(recorded, other)
+    with pytest.raises(PrecisionError, match="recorded on suite 'libero_spatial', this run evaluates 'libero_object'"):
+        evaluate(
+            compose([*base, "suite=libero_object", "suite.tasks=[0]", f"policy.precision.calibration.path={other}"]),
+            tmp_path / "b",
+        )
+    assert not (tmp_path / "b" / "episodes.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("policy", "error"),
+    [
+        ("trt_fp8", r'pip install "pi05eval\[tensorrt\]"'),  # TensorRT cannot be installed here
+        ("nvfp4", r"precision.prefix.attn=nvfp4 needs compute capability ≥ 10.0 .*this is a CPU.*simulate=true"),
+        ("compile_bf16", None),
+    ],
+)
+def test_missing_backends_and_hardware_fail_before_any_simulation(tmp_path, tiny_bundle, policy, error) -> None:
+    overrides = [f"policy={policy}", f"policy.checkpoint={tiny_bundle}", "policy.device=cpu", *SHORT]
+    if error is None:  # a bf16 plan with an unknown format on one component: the choices are listed
+        overrides.append("policy.precision.expert.mlp=fp4")
+        error = "unknown format 'fp4' for precision.expert.mlp; choices: fp32, bf16, fp16, fp8, int8, w4a16, nvfp4"
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match=error):
+        evaluate(compose(overrides), tmp_path)
+    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "episodes.jsonl").exists()

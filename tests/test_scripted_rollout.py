@@ -11,8 +11,16 @@ from pi05eval.env.protocol import MAX_STEPS, NUM_STEPS_WAIT
 
 
 def test_scripted_oracle_succeeds_and_is_counted(tmp_path) -> None:
-    cfg = compose(["policy=scripted", "suite=libero_spatial", "suite.tasks=[0,1]", "suite.trials_per_task=2",
-                   "runner.progress=false", "runner.num_envs=2"])
+    cfg = compose(
+        [
+            "policy=scripted",
+            "suite=libero_spatial",
+            "suite.tasks=[0,1]",
+            "suite.trials_per_task=2",
+            "runner.progress=false",
+            "runner.num_envs=2",
+        ]
+    )
     summary = evaluate(cfg, tmp_path)
     records = [json.loads(x) for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert sorted((r["task_id"], r["trial"]) for r in records) == [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -12,7 +12,7 @@ from typing import Any
 
 from pi05eval.engines.fast import Shortcuts
 
-ENGINES = ("eager", "compile")
+ENGINES = ("eager", "compile", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,21 @@ class EngineSpec:
         return self.name + (":" + ",".join(opts) if opts else "")
 
 
-def parse_engine_spec(text: str) -> EngineSpec:
-    """`compile:-trim_prefix,-cuda_graph,mode=default` → EngineSpec (a leading `-` switches a flag off)."""
+def _options_class(engine: str) -> type:
+    if engine == "tensorrt":
+        from pi05eval.engines.tensorrt import TensorRTOptions
+
+        return TensorRTOptions
     from pi05eval.engines.compile import CompileOptions
 
+    return CompileOptions
+
+
+def parse_engine_spec(text: str) -> EngineSpec:
+    """`compile:-trim_prefix,-cuda_graph,mode=default` → EngineSpec (a leading `-` switches a flag off)."""
     name, _, rest = text.partition(":")
     short_names = {f.name for f in fields(Shortcuts)}
-    option_names = {f.name: f for f in fields(CompileOptions)}
+    option_names = {f.name: f for f in fields(_options_class(name))}
     shortcuts: dict[str, bool] = {}
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -60,11 +68,19 @@ def parse_engine_spec(text: str) -> EngineSpec:
     return EngineSpec(name, shortcuts, options)
 
 
-def build_engine(spec: EngineSpec, model, num_steps: int, batch_size: int = 1, precision: str = "bf16"):
+def build_engine(
+    spec: EngineSpec, model, num_steps: int, batch_size: int = 1, precision: str = "bf16", enabled_precisions=None
+):
     if spec.name == "eager":
         from pi05eval.engines.eager import EagerEngine
 
         return EagerEngine(model, num_steps)
+    if spec.name == "tensorrt":
+        from pi05eval.engines.tensorrt import TensorRTEngine, TensorRTOptions
+
+        options = TensorRTOptions.from_spec(spec.options)
+        shortcuts = Shortcuts(**spec.shortcuts)
+        return TensorRTEngine(model, num_steps, shortcuts, options, batch_size, precision, enabled_precisions)
     from pi05eval.engines.compile import CompiledEngine, CompileOptions
 
     options = dict(spec.options)

@@ -43,27 +43,34 @@ class Shortcuts:
 
 
 class _Proj:
-    """Q/K/V and gate/up projections of one Gemma layer, fused into single GEMMs or not."""
+    """Q/K/V and gate/up projections of one Gemma layer, fused into single GEMMs or not.
+
+    Layers a precision plan replaced (`pi05eval/precision/linear.py`) fuse too where their kind allows it; plain
+    float layers keep their fused weight in `wqkv` / `wgu` (for kernels that read the weights directly)."""
 
     def __init__(self, layer: torch.nn.Module, s: Shortcuts) -> None:
+        from pi05eval.precision.linear import fuse_linears
+
         a, m = layer.attn, layer.mlp
-        self.q_rows = a.q_proj.weight.shape[0]
-        self.kv_rows = a.k_proj.weight.shape[0]
+        self.q_rows = a.q_proj.out_features
+        self.kv_rows = a.k_proj.out_features
         self.attn, self.mlp = a, m
-        self.wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) if s.fuse_qkv else None
-        self.wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight]) if s.fuse_gate_up else None
+        self.fused_qkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj]) if s.fuse_qkv else None
+        self.fused_gu = fuse_linears([m.gate_proj, m.up_proj]) if s.fuse_gate_up else None
+        self.wqkv = self.fused_qkv.weight if isinstance(self.fused_qkv, torch.nn.Linear) else None
+        self.wgu = self.fused_gu.weight if isinstance(self.fused_gu, torch.nn.Linear) else None
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [B, L, D] -> q [B, L, H*hd], k, v [B, L, KV*hd]."""
-        if self.wqkv is None:
+        if self.fused_qkv is None:
             return self.attn.q_proj(h), self.attn.k_proj(h), self.attn.v_proj(h)
-        return F.linear(h, self.wqkv).split([self.q_rows, self.kv_rows, self.kv_rows], dim=-1)
+        return self.fused_qkv(h).split([self.q_rows, self.kv_rows, self.kv_rows], dim=-1)
 
     def geglu(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, L, D] -> down(gelu(gate h) * up h) [B, L, D]."""
-        if self.wgu is None:
+        if self.fused_gu is None:
             return self.mlp(h)
-        gate, up = F.linear(h, self.wgu).chunk(2, dim=-1)
+        gate, up = self.fused_gu(h).chunk(2, dim=-1)
         return self.mlp.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 

@@ -156,7 +156,8 @@ class GemmaLM(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.layers[0].attn.q_proj.weight.dtype
+        """Activation dtype: set by `Pi05Model.set_precision` (layers may be swapped for quantized ones later)."""
+        return getattr(self, "dtype_", None) or self.layers[0].attn.q_proj.weight.dtype
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, L] -> embeddings * sqrt(width) [B, L, D] (the scaling Gemma applies to text)."""
@@ -192,7 +193,8 @@ class ActionExpert(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.layers[0].attn.q_proj.weight.dtype
+        """Activation dtype: set by `Pi05Model.set_precision` (layers may be swapped for quantized ones later)."""
+        return getattr(self, "dtype_", None) or self.layers[0].attn.q_proj.weight.dtype
 
     def modulations(self, cond: torch.Tensor) -> torch.Tensor:
         """cond [B, D] -> [2 * depth + 1, B, 3D]: per layer (attn norm, mlp norm), then the final norm.

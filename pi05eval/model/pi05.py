@@ -106,6 +106,7 @@ class Pi05Model(nn.Module):
             if param.dtype != dtype:
                 param.data = param.data.to(dtype)
         self.precision = precision
+        self.llm.dtype_ = self.expert.dtype_ = low
         return self
 
     # ------------------------------------------------------------------------------------------------ prefix

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pi05eval.model.pi05 import PRECISIONS
 from pi05eval.model.weights import load_pi05
 from pi05eval.policy.base import ActionChunk, Observation, TaskInfo
 from pi05eval.policy.bundle import DEFAULT_ASSET_ID, BundleError, resolve_bundle
@@ -40,8 +39,7 @@ from pi05eval.policy.transforms import (
 
 logger = logging.getLogger(__name__)
 
-ENGINES: tuple[str, ...] = ("eager", "compile")  # pi05eval/engines/
-PLANNED_ENGINES: tuple[str, ...] = ("tensorrt",)  # not wired yet
+ENGINES: tuple[str, ...] = ("eager", "compile", "tensorrt")  # pi05eval/engines/
 LIBERO_STATE_DIM = 8
 
 
@@ -81,23 +79,28 @@ class Pi05Policy:
         self.seed = seed
         self.norm_stats = dict(norm_stats)
         self.norm = norm
-        self.engine = engine
         self._prompt_lengths: set[int] = set()
-        # engines copy host inputs into their own static buffers; eager moves them to the device here
+        self.precision_report: dict[str, Any] | None = None  # set when a precision plan was applied
+        self.attach_engine(engine)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def attach_engine(self, engine: Any) -> None:
+        """Run calls through `engine` (None: the model directly). Engines copy host inputs into their own static
+        buffers; otherwise inputs move to the device in the transforms."""
+        self.engine = engine
         input_device = "cpu" if engine is not None and getattr(engine, "name", "") != "eager" else self.device
-        state_stats = {"state": norm_stats["state"]} if "state" in norm_stats else {}
+        state_stats = {"state": self.norm_stats["state"]} if "state" in self.norm_stats else {}
         self._inputs = Compose(
             (
                 LiberoInputs(),
-                Normalize(state_stats, norm),
-                TokenizePrompt(tokenizer),
-                PadStatesAndActions(action_dim),
+                Normalize(state_stats, self.norm),
+                TokenizePrompt(self.tokenizer),
+                PadStatesAndActions(self.action_dim),
                 ToTensors(input_device),
                 ImagesToFloat(),
             )
         )
-        self._outputs = Compose((Unnormalize({"actions": norm_stats["actions"]}, norm), LiberoOutputs()))
-        self._generator = torch.Generator().manual_seed(seed)
+        self._outputs = Compose((Unnormalize({"actions": self.norm_stats["actions"]}, self.norm), LiberoOutputs()))
 
     def check_task(self, task: TaskInfo) -> None:
         """Every LIBERO task is attempted; a prompt that will be truncated is only warned about (here, up front)."""
@@ -133,18 +136,27 @@ class Pi05Policy:
         shape = (1, self.action_horizon, self.action_dim)
         return torch.randn(shape, generator=self._generator, dtype=torch.float32)
 
-    def infer(self, obs: Observation, noise: torch.Tensor | None = None) -> ActionChunk:
-        """Actions [H, 7] for one observation; `noise` [1, H, action_dim] overrides the policy's noise stream."""
-        t0 = time.perf_counter()
+    def model_inputs(self, obs: Observation, noise: torch.Tensor | None = None) -> tuple[dict[str, Any], tuple]:
+        """(transformed data, (images, image_masks, tokens, token_mask, noise)) for `sample_actions`."""
         raw = {"image": obs.image, "wrist_image": obs.wrist_image, "state": obs.state, "prompt": obs.prompt}
         data = self._inputs(raw)
         images = torch.stack([data["images"][k] for k in IMAGE_KEYS], dim=1)  # [1, 3, 3, 224, 224]
         image_masks = torch.cat([data["image_masks"][k] for k in IMAGE_KEYS]).view(1, -1)  # [1, 3]
         noise = (self.sample_noise() if noise is None else noise).to(self.device, torch.float32)  # [1, H, 32]
+        return data, (images, image_masks, data["tokens"], data["token_mask"], noise)
+
+    def robot_actions(self, model_out: torch.Tensor) -> np.ndarray:
+        """Model output [1, H, 32] -> unnormalized LIBERO actions [H, 7] float64 (synchronizes)."""
+        return self._outputs({"actions": model_out[0].float().cpu().numpy()})["actions"]
+
+    def infer(self, obs: Observation, noise: torch.Tensor | None = None) -> ActionChunk:
+        """Actions [H, 7] for one observation; `noise` [1, H, action_dim] overrides the policy's noise stream."""
+        t0 = time.perf_counter()
+        data, inputs = self.model_inputs(obs, noise)
         t1 = time.perf_counter()
         sample = self.model.sample_actions if self.engine is None else self.engine.sample_actions
         with torch.inference_mode():
-            out = sample(images, image_masks, data["tokens"], data["token_mask"], noise, num_steps=self.num_steps)
+            out = sample(*inputs, num_steps=self.num_steps)
         model_actions = out[0].float().cpu().numpy()  # [H, 32], synchronizes
         t2 = time.perf_counter()
         actions = self._outputs({"actions": model_actions})["actions"]  # [H, 7] float64
@@ -178,12 +190,9 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _check_choices(engine: str, precision: str, prompt_format: str, norm: str) -> None:
-    if engine in PLANNED_ENGINES:
-        raise NotImplementedError(f"engine {engine!r} is not available yet; available: {', '.join(ENGINES)}")
+def _check_choices(engine: str, prompt_format: str, norm: str) -> None:
     for key, value, choices in (
-        ("engine", engine, ENGINES + PLANNED_ENGINES),
-        ("precision", precision, PRECISIONS),
+        ("engine", engine, ENGINES),
         ("prompt_format", prompt_format, PROMPT_FORMATS),
         ("norm", norm, NORM_MODES),
     ):
@@ -194,7 +203,7 @@ def _check_choices(engine: str, precision: str, prompt_format: str, norm: str) -
 def build_pi05_policy(
     name: str,
     checkpoint: str | Path,
-    precision: str = "bf16",
+    precision: str | Mapping[str, Any] = "bf16",
     num_steps: int = 10,
     device: str = "auto",
     tokenizer: str | Path | None = None,
@@ -207,11 +216,24 @@ def build_pi05_policy(
     cache_dir: str | Path | None = None,
     asset_id: str = DEFAULT_ASSET_ID,
 ) -> Pi05Policy:
-    """Resolve the bundle, load the model and build the policy; every check runs before any simulation."""
-    _check_choices(engine, precision, prompt_format, norm)
+    """Resolve the bundle, load the model and build the policy; every check runs before any simulation.
+
+    `precision`: "bf16" / "fp32", or a per-component plan (`pi05eval/precision/plan.py`, conf/policy/precision/).
+    """
+    from pi05eval.precision.plan import PrecisionPlan, check_hardware
+    from pi05eval.precision.quantize import check_engine
+
+    _check_choices(engine, prompt_format, norm)
     if num_steps < 1:
         raise ValueError(f"policy.num_steps must be ≥ 1, got {num_steps}")
+    plan = PrecisionPlan.parse(precision)
+    check_engine(plan, engine)
     dev = resolve_device(device)
+    check_hardware(plan, torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None)
+    if engine == "tensorrt":  # a missing TensorRT fails here, before loading weights or any simulation
+        from pi05eval.engines.tensorrt import require_tensorrt
+
+        require_tensorrt()
     if dev.type == "cpu" and cpu_threads:
         # torch's CPU threads compete with the env workers' software rendering; few threads run faster overall
         torch.set_num_threads(cpu_threads)
@@ -224,16 +246,11 @@ def build_pi05_policy(
             f"{cfg.vocab_size}: wrong tokenizer for {bundle.source}"
         )
     start = time.perf_counter()
-    model = load_pi05(bundle.weights, cfg, precision=precision, device=str(dev))
+    model = load_pi05(bundle.weights, cfg, precision=plan.compute, device=str(dev))
     model.eval()
-    logger.info(
-        "loaded %s (%s, %s) on %s in %.1f s", bundle.source, bundle.variant, precision, dev, time.perf_counter() - start
-    )
-    from pi05eval.engines import build_engine, parse_engine_spec
-
-    spec = parse_engine_spec(engine + (":" + ",".join(_option_items(engine_options)) if engine_options else ""))
-    runner = build_engine(spec, model, num_steps, precision=precision)
-    return Pi05Policy(
+    load_s = time.perf_counter() - start
+    logger.info("loaded %s (%s, %s) on %s in %.1f s", bundle.source, bundle.variant, plan.compute, dev, load_s)
+    policy = Pi05Policy(
         name,
         model,
         tok,
@@ -244,8 +261,19 @@ def build_pi05_policy(
         norm=norm,
         device=dev,
         seed=seed,
-        engine=runner,
     )
+    if not plan.is_exact:
+        from pi05eval.precision.prepare import apply_to_policy
+
+        apply_to_policy(policy, plan, engine)
+    from pi05eval.engines import build_engine, parse_engine_spec
+
+    if plan.simulate and engine != "eager":
+        logger.warning("precision.simulate=true: running eagerly (fake quantization), not with engine=%s", engine)
+        engine, engine_options = "eager", None
+    spec = parse_engine_spec(engine + (":" + ",".join(_option_items(engine_options)) if engine_options else ""))
+    policy.attach_engine(build_engine(spec, policy.model, num_steps, precision=plan.label))
+    return policy
 
 
 def _option_items(options: Mapping[str, Any]) -> list[str]:
