@@ -40,6 +40,7 @@ class CompileOptions:
     compile: bool = True  # torch.compile the stages (off: the fast path runs eagerly, still graph-captured)
     mode: str = "default"  # inductor mode (graphs are captured by this engine); max-autotune builds > 4 min
     cache_dir: str | None = None  # None: $PI05EVAL_CACHE/compile or ~/.cache/pi05eval/compile
+    triton_denoise: bool = False  # the denoise step as hand-fused Triton kernels (engines/triton_denoise.py)
 
 
 class _Graphs:
@@ -141,6 +142,10 @@ class CompiledEngine:
             wrap(self.fast.prefill),
             wrap(self.fast.update),
         )
+        if options.triton_denoise:  # launched as is inside the graph (Triton kernels compile on the warm-up)
+            from pi05eval.engines.triton_denoise import TritonDenoise
+
+            self._update = TritonDenoise(self.fast).update
         self.last: _Graphs | None = None
 
     # ------------------------------------------------------------------------------------------------ building
@@ -154,6 +159,7 @@ class CompiledEngine:
             asdict(shortcuts),
             batch,
             self.options.mode,
+            self.options.triton_denoise,
             gpu,
             torch.__version__,
         ]

@@ -1,0 +1,236 @@
+"""The denoise step of the fast path (`FastPi05.update`) as Triton kernels: 5 per expert layer, 2 per step.
+
+Same math as `FastPi05.update` (fold_time, fused Q/K/V and gate/up weights) up to fp32 summation order and the
+rounding of attention probabilities before normalization; the residual stream, GEMM outputs, gelu and gated
+branches are rounded to the activation dtype where PyTorch rounds them. Launches per step (M = B * H rows):
+
+0. `action_in_kernel`            h = round(x @ W_in.T + b_in) into the residual buffer (fp32 math).
+per expert layer:
+1. `norm_gemm_kernel` (ROPE)     attention adaRMS (mean of squares recomputed per program) + fused QKV GEMM + RoPE on
+                                 q and k -> qkv [M, (H + 2 KV) hd]. Weight rows pair-interleaved at build time so a
+                                 tile holds both halves (d, d + hd/2) of the rotated columns.
+2. `attention_kernel`            8 heads x H tokens (one row set per K/V head) over [prefix K/V | action K/V] with the
+                                 key mask, fp32 softmax; keys split over programs, the last one combines -> att.
+3. `gemm_residual_kernel` (O)    split-K O projection; the last program of a tile sums the partials and applies
+                                 h += round(o) * gate in place.
+4. `norm_gemm_kernel` (GEGLU)    MLP adaRMS + gate|up GEMM (rows interleaved gate j, up j) + gelu_tanh(gate) * up.
+5. `gemm_residual_kernel` (down) split-K down projection + gated residual, as 3.
+6. `step_out_kernel`             final adaRMS norm + action_out (fp32) + Euler update x + dt * v.
+
+With `pdl` (Hopper) every launch is a programmatic dependent launch: it loads its weights while the previous kernel
+finishes, then waits for it. No host syncs and no allocations that depend on GPU values, so `update` can be
+captured in a CUDA graph; scratch buffers are allocated per (batch, prefix length) on first use or by `prepare`.
+Kernels compile on their first call: run a step before capturing. Do not wrap `update` in torch.compile. With
+`static_kv` the action part of the K/V buffers is neither read nor written (the kernels read the action K/V from
+their own qkv buffer). Extra memory: the re-laid Q/K/V and gate/up weights (~400 MB for Pi0.5 in bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from pi05eval.engines.fast import FastPi05
+from pi05eval.kernels import (
+    AttentionScratch,
+    ExpertKernelConfig,
+    block_m,
+    interleave_gate_up,
+    interleave_halves,
+    launch_action_in,
+    launch_attention,
+    launch_gemm_residual,
+    launch_norm_gemm,
+    launch_step_out,
+    resolve,
+)
+
+log = logging.getLogger(__name__)
+
+KERNELS = frozenset({"qkv", "attn", "o", "gu", "down"})  # the launches of one expert layer
+KERNELS_PER_LAYER = len(KERNELS)
+KERNELS_PER_STEP = 2  # action_in, final norm + action_out + Euler
+
+
+class _Scratch:
+    """Activations, partials and counters for one (batch, prefix length) shape."""
+
+    def __init__(self, td: TritonDenoise, batch: int, prefix_len: int) -> None:
+        cfg, c, dev, dt = td.cfg, td.config, td.device, td.dtype
+        m = batch * cfg.action_horizon
+        d = cfg.expert_width
+        self.h = torch.empty(m, d, dtype=dt, device=dev)  # residual stream [M, De]
+        self.qkv = torch.empty(m, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, dtype=dt, device=dev)
+        self.att = torch.empty(m, cfg.num_heads * cfg.head_dim, dtype=dt, device=dev)  # [M, H * hd]
+        self.act = torch.empty(m, cfg.expert_mlp_dim, dtype=dt, device=dev)  # gelu(gate) * up [M, mlp]
+        bm = block_m(m)
+        grid_m = -(-m // bm)
+        # split-K partials and arrival counters, shared by the O and down launches (each resets its counters)
+        self.ws = torch.empty(max(c.o_split, c.down_split) * grid_m * bm * d, dtype=torch.float32, device=dev)
+        self.counters = torch.zeros(grid_m * d // min(c.o_bn, c.down_bn), dtype=torch.int32, device=dev)
+        self.attn = AttentionScratch(
+            batch, prefix_len, cfg.action_horizon, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            c.att_bm, c.att_bs, c.att_dsplit, dev,
+        )  # fmt: skip
+
+
+class TritonDenoise:
+    """`update(x, mods, cos, sin, ks, vs, key_mask)`: `FastPi05.update` as Triton kernels."""
+
+    def __init__(self, fast: FastPi05, config: ExpertKernelConfig | None = None) -> None:
+        if not fast.s.fold_time or fast.mods is None:
+            raise ValueError("TritonDenoise needs FastPi05 with fold_time=True (per-step adaRMS tables)")
+        if any(p.wqkv is None or p.wgu is None for p in fast.expert):
+            raise ValueError(
+                "TritonDenoise needs the fused float weights of FastPi05 (fuse_qkv=True, fuse_gate_up=True, no "
+                "quantized expert layers)"
+            )
+        model = fast.model
+        self.dtype = model.expert.compute_dtype
+        for layer, p in zip(model.expert.layers, fast.expert, strict=True):
+            o_w, down_w = getattr(layer.attn.o_proj, "weight", None), getattr(layer.mlp.down_proj, "weight", None)
+            weights = (p.wqkv, p.wgu, o_w, down_w)
+            if any(not isinstance(w, torch.Tensor) or w.dtype != self.dtype for w in weights):
+                raise ValueError(
+                    f"TritonDenoise needs plain {self.dtype} expert weights (o_proj / down_proj quantized?)"
+                )
+        heads = (model.action_in, model.action_out)
+        if any(h.weight.dtype != torch.float32 or h.bias is None for h in heads):
+            raise ValueError(
+                "TritonDenoise needs fp32 action_in / action_out with biases (as set_precision keeps them)"
+            )
+        self.fast, self.model, self.cfg, self.dt = fast, model, fast.cfg, fast.dt
+        self.horizon = fast.cfg.action_horizon
+        self.device = model.action_in.weight.device
+        self.eps = float(model.expert.layers[0].attn_norm.eps)
+        cfg = self.cfg
+        self.config = self._resolve(config or ExpertKernelConfig())
+        with torch.no_grad():  # weights [N, K] row-major in the activation dtype
+            self.wqkv = [interleave_halves(p.wqkv.detach(), cfg.head_dim) for p in fast.expert]
+            self.wgu = [interleave_gate_up(p.wgu.detach()) for p in fast.expert]
+            self.wo = [layer.attn.o_proj.weight.detach().contiguous() for layer in model.expert.layers]
+            self.wd = [layer.mlp.down_proj.weight.detach().contiguous() for layer in model.expert.layers]
+            self.w_in, self.b_in = model.action_in.weight.detach(), model.action_in.bias.detach()  # [De, A], [De]
+            self.w_out, self.b_out = model.action_out.weight.detach(), model.action_out.bias.detach()  # [A, De], [A]
+        self._scratch: dict[tuple[int, int], _Scratch] = {}
+        log.info("TritonDenoise: %d layers x %d kernels + %d, %s", cfg.depth, KERNELS_PER_LAYER, KERNELS_PER_STEP,
+                 self.config)  # fmt: skip
+
+    def _resolve(self, config: ExpertKernelConfig) -> ExpertKernelConfig:
+        cfg = self.cfg
+        out = resolve(config, cfg.expert_width, cfg.expert_mlp_dim, cfg.num_heads * cfg.head_dim, cfg.head_dim)
+        if cfg.action_dim % 16:
+            raise ValueError(f"action_dim {cfg.action_dim} is not a multiple of 16")
+        dev = self.device
+        self.pdl = out.pdl and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+        return out
+
+    def with_config(self, config: ExpertKernelConfig) -> TritonDenoise:
+        """A copy with other tile sizes, sharing the re-laid weights (for tuning sweeps)."""
+        other = object.__new__(TritonDenoise)
+        other.__dict__.update(self.__dict__)
+        other.config = other._resolve(config)
+        other._scratch = {}
+        return other
+
+    def config_dict(self) -> dict[str, int | bool]:
+        return dataclasses.asdict(self.config)
+
+    def prepare(self, batch: int, prefix_alloc: int) -> None:
+        """Allocate the scratch of a (batch, ks.shape[3]) shape now instead of on the first `update`."""
+        self._buffers(batch, prefix_alloc)
+
+    def _buffers(self, batch: int, prefix_alloc: int) -> _Scratch:
+        key = (batch, prefix_alloc)
+        if key not in self._scratch:
+            prefix_len = prefix_alloc - (self.horizon if self.fast.s.static_kv else 0)
+            self._scratch[key] = _Scratch(self, batch, prefix_len)
+        return self._scratch[key]
+
+    @torch.no_grad()
+    def update(
+        self,
+        x: torch.Tensor,
+        mods: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ks: torch.Tensor,
+        vs: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One Euler step: x_t [B, H, A] fp32 -> x_{t+dt} (a new tensor); arguments as `FastPi05.update`.
+
+        mods [2 * depth + 1, 1, 3 * De] fp32 (one step's adaRMS table); cos, sin [B, 1, H, hd];
+        ks, vs [depth, B, KV, P (+ H with static_kv), hd]; key_mask [B, 1, P + H] bool.
+        """
+        x = x.float().contiguous()
+        mods = mods if mods.dtype == torch.float32 and mods.stride(-1) == 1 else mods.float().contiguous()
+        h = self.run_layers(x, mods, cos, sin, ks, vs, key_mask)
+        out = torch.empty_like(x)
+        c = self.config
+        launch_step_out(
+            h, mods[-1, 0], self.w_out, self.b_out, x.view(-1, x.shape[-1]), out.view(-1, x.shape[-1]),
+            eps=self.eps, dt=self.dt, mod_late=c.mod_late, pdl=self.pdl,
+        )  # fmt: skip
+        return out
+
+    @torch.no_grad()
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        mods: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ks: torch.Tensor,
+        vs: torch.Tensor,
+        key_mask: torch.Tensor,
+        kernels: frozenset[str] = KERNELS,
+    ) -> torch.Tensor:
+        """action_in, then every expert layer -> the residual stream [M, De] (a buffer reused by the next call).
+
+        x [B, H, A] fp32 contiguous; `kernels` restricts the layer launches to some of KERNELS (timing sweeps only:
+        the result is then meaningless).
+        """
+        cfg, c = self.cfg, self.config
+        b, horizon, _ = x.shape
+        if horizon != self.horizon or cos.stride(-1) != 1 or ks.stride(-1) != 1 or vs.stride() != ks.stride():
+            raise ValueError("unexpected layout: x [B, H, A], cos/sin and ks/vs contiguous in their last dimension")
+        if mods.shape[1] != 1:
+            raise ValueError("TritonDenoise needs adaRMS tables shared by the batch: mods [2 * depth + 1, 1, 3 * De]")
+        sc = self._buffers(b, ks.shape[3])
+        prefix_len = ks.shape[3] - (horizon if self.fast.s.static_kv else 0)
+        d, hd, heads, kv = cfg.expert_width, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        pdl, late = self.pdl, c.mod_late
+        launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
+        for i in range(cfg.depth):
+            mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
+            if "qkv" in kernels:
+                launch_norm_gemm(
+                    sc.h, mod_attn, self.wqkv[i], sc.qkv, horizon=horizon, eps=self.eps, bn=c.qkv_bn,
+                    warps=c.qkv_warps, mod_late=late, pdl=pdl, cos=cos, sin=sin, head_dim=hd,
+                    rope_cols=(heads + kv) * hd,
+                )  # fmt: skip
+            if "attn" in kernels:
+                launch_attention(
+                    sc.qkv, ks[i], vs[i], key_mask, sc.att, sc.attn, prefix_len=prefix_len, horizon=horizon,
+                    heads=heads, kv_heads=kv, head_dim=hd, scale=hd**-0.5, bm=c.att_bm, bs=c.att_bs,
+                    dsplit=c.att_dsplit, warps=c.att_warps, pdl=pdl,
+                )  # fmt: skip
+            if "o" in kernels:
+                launch_gemm_residual(
+                    sc.att, self.wo[i], sc.h, mod_attn[2 * d :], sc.ws, sc.counters, bn=c.o_bn, split=c.o_split,
+                    warps=c.o_warps, pdl=pdl,
+                )  # fmt: skip
+            if "gu" in kernels:
+                launch_norm_gemm(
+                    sc.h, mod_mlp, self.wgu[i], sc.act, horizon=horizon, eps=self.eps, bn=c.gu_bn,
+                    warps=c.gu_warps, mod_late=late, pdl=pdl,
+                )  # fmt: skip
+            if "down" in kernels:
+                launch_gemm_residual(
+                    sc.act, self.wd[i], sc.h, mod_mlp[2 * d :], sc.ws, sc.counters, bn=c.down_bn,
+                    split=c.down_split, warps=c.down_warps, pdl=pdl,
+                )  # fmt: skip
+        return sc.h

@@ -1,0 +1,323 @@
+"""Triton GEMM kernels of one action-expert layer at small M (M = B * H action tokens, ~10 rows).
+
+Two kernels cover the four projections of a layer (the attention kernel is in `attention_triton.py`):
+
+* `norm_gemm_kernel`      adaRMS prologue + GEMM + pair epilogue. Every program recomputes its rows' mean of squares
+                          (the rows are tiny), normalizes `h * rstd * (1 + scale) + shift` in fp32, rounds it to the
+                          activation dtype and multiplies it by a tile of a *pair-interleaved* weight (`interleave_*`):
+                          columns 2j and 2j + 1 of every tile are a pair, split apart in the epilogue:
+                          - ROPE:  (d, d + hd/2) of one head -> q/k rotated (v heads unrotated), written to qkv;
+                          - GEGLU: (gate j, up j) -> gelu_tanh(gate) * up, written to the MLP activation.
+* `gemm_residual_kernel`  split-K GEMM + gated residual: `h += round(round(a @ w.T) * gate)` in place. Each program
+                          stores its fp32 partial; the last program of an output tile to arrive (an atomic counter,
+                          reset by that program) sums the partials in a fixed order (deterministic) and applies the
+                          epilogue, so one launch does the whole projection.
+
+Every program loads its whole weight tile (all of K, or its K split) at once, before waiting for the previous kernel
+(programmatic dependent launch, `pdl`): the weights stream from HBM while the previous kernel finishes. Rounding
+follows the PyTorch path op by op: GEMM outputs, gelu, products with the gate and residual sums are rounded to the
+activation dtype where PyTorch produces a tensor of that dtype; accumulation and norms are fp32. All tensors are
+row-major and contiguous in their last dimension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@dataclass(frozen=True)
+class ExpertKernelConfig:
+    """Tile sizes of the kernels of one denoise step (clamped to the model's dimensions by `resolve`).
+
+    *_bn: output columns per program (pair-interleaved kernels: weight rows, i.e. bn / 2 output pairs), each program
+    holding bn x K (qkv, gu) or bn x K / *_split (o, down: split-K) of the weight. att_bs: keys per attention program
+    (key blocks, combined by the last program); att_bm: query rows per program; att_dsplit: programs sharing a row
+    block and key block, each producing hd / att_dsplit output columns. mod_late: load the adaRMS scale / shift after
+    the wait (fewer live registers) instead of with the weights. pdl: programmatic dependent launch (Hopper+).
+    Defaults: the best of a coordinate-descent sweep on an H200 (scripts/bench_triton_denoise.py).
+    """
+
+    qkv_bn: int = 64
+    qkv_warps: int = 8
+    att_bs: int = 64
+    att_bm: int = 16
+    att_dsplit: int = 2
+    att_warps: int = 8
+    o_bn: int = 64
+    o_split: int = 4
+    o_warps: int = 4
+    gu_bn: int = 64
+    gu_warps: int = 8
+    down_bn: int = 64
+    down_split: int = 4
+    down_warps: int = 8
+    io_bn: int = 64
+    mod_late: bool = False
+    pdl: bool = True
+
+
+def _pow2_at_most(value: int, limit: int) -> int:
+    """The largest power of two <= min(value, limit), at least 16 (tl.dot's smallest tile side)."""
+    cap = max(16, min(value, limit))
+    return 1 << (cap.bit_length() - 1)
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def resolve(cfg: ExpertKernelConfig, width: int, mlp: int, q_width: int, head_dim: int) -> ExpertKernelConfig:
+    """Clamp tiles to the model (the tiny test model has width 64, head_dim 16) and check they tile it."""
+    out = dataclasses.replace(
+        cfg,
+        qkv_bn=_pow2_at_most(cfg.qkv_bn, head_dim),
+        att_bs=_pow2_at_most(cfg.att_bs, 1 << 12),
+        att_dsplit=max(1, min(cfg.att_dsplit, head_dim // 16)),
+        o_bn=_pow2_at_most(cfg.o_bn, width),
+        o_split=max(1, min(cfg.o_split, q_width // 16)),
+        gu_bn=_pow2_at_most(cfg.gu_bn, 2 * mlp),
+        down_bn=_pow2_at_most(cfg.down_bn, width),
+        down_split=max(1, min(cfg.down_split, mlp // 16)),
+        io_bn=_pow2_at_most(cfg.io_bn, width),
+    )
+    dims = {"width": width, "mlp": mlp, "q_width": q_width, "head_dim": head_dim}
+    bad = [f"{k}={v} is not a power of 2 >= 16" for k, v in dims.items() if not _is_pow2(v)]
+    splits = ("o_split", "down_split", "att_dsplit")
+    bad += [f"{k}={getattr(out, k)} is not a power of 2" for k in splits if getattr(out, k) & (getattr(out, k) - 1)]
+    if bad:
+        raise ValueError(f"kernel config {out} does not tile this model: {bad}")
+    return out
+
+
+def interleave_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[n_heads * hd, D] -> the same rows with, per head, row 2i = row i and row 2i + 1 = row i + hd/2 (RoPE pairs)."""
+    n, d = w.shape
+    return w.view(n // head_dim, 2, head_dim // 2, d).transpose(1, 2).reshape(n, d).contiguous()
+
+
+def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """[2 * mlp, D] (gate rows, then up rows) -> rows 2j = gate j, 2j + 1 = up j."""
+    n, d = w.shape
+    return w.view(2, n // 2, d).transpose(0, 1).reshape(n, d).contiguous()
+
+
+@triton.jit
+def _rnd(x, dtype: tl.constexpr):
+    """Round fp32 values to `dtype` and back: what a PyTorch op producing a `dtype` tensor does."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def ada_rms_norm(h, mod_ptr, rk, D: tl.constexpr, eps, scale, shift, MOD_LATE: tl.constexpr):
+    """AdaRMSNorm of rows h [BM, D] (act): round(h * rsqrt(mean(h^2) + eps) * (1 + scale) + shift), fp32 math.
+    scale / shift [1, D] fp32 were loaded already, or (MOD_LATE) are loaded here from mod_ptr (+ rk)."""
+    if MOD_LATE:
+        scale = tl.load(mod_ptr + rk)[None, :]
+        shift = tl.load(mod_ptr + D + rk)[None, :]
+    ss = tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=1)
+    rstd = 1.0 / tl.sqrt(ss / D + eps)
+    return (h.to(tl.float32) * rstd[:, None] * (1.0 + scale) + shift).to(h.dtype)
+
+
+@triton.jit
+def norm_gemm_kernel(
+    h_ptr,  # [M, D] act: residual stream
+    mod_ptr,  # fp32 [3D]: (scale | shift | gate) of this adaRMS norm, shared by the batch
+    w_ptr,  # [N, D] act: pair-interleaved weight
+    out_ptr,  # [M, OUT_N] act
+    cos_ptr,  # [B, 1, L, HD] act (ROPE only)
+    sin_ptr,
+    M,
+    L,
+    cs_stride_b,
+    cs_stride_l,
+    eps,
+    D: tl.constexpr,
+    OUT_N: tl.constexpr,
+    HD: tl.constexpr,
+    ROPE_N: tl.constexpr,  # ROPE: the first ROPE_N columns (q and k heads) are rotated
+    GEGLU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for 16-bit ones
+    MOD_LATE: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    act = w_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_launch_dependents()
+    n0 = tl.program_id(0) * BLOCK_N
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < M
+    rk = tl.arange(0, D)
+    ri = tl.arange(0, BLOCK_N // 2)
+    # inputs no kernel of the step writes: the weight tile, the modulation, RoPE tables
+    w = tl.load(w_ptr + (n0 + tl.arange(0, BLOCK_N))[:, None] * D + rk[None, :])
+    scale, shift = 0.0, 0.0
+    if not MOD_LATE:
+        scale = tl.load(mod_ptr + rk)[None, :]
+        shift = tl.load(mod_ptr + D + rk)[None, :]
+    c1 = (n0 // HD) * HD + (n0 % HD) // 2 + ri  # ROPE: output columns of the pairs' first halves
+    if not GEGLU:
+        cs = (rm // L)[:, None] * cs_stride_b + (rm % L)[:, None] * cs_stride_l + (c1 % HD)[None, :]
+        cos1 = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()  # the previous kernel (which wrote h) is complete
+    h = tl.load(h_ptr + rm[:, None] * D + rk[None, :], mask=row_ok[:, None], other=0.0)
+    xn = ada_rms_norm(h, mod_ptr, rk, D, eps, scale, shift, MOD_LATE)  # every program normalizes its rows
+    y = _rnd(tl.dot(xn, tl.trans(w), input_precision=DOT_PREC), act)  # the projection's output dtype
+    a, b = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
+    if GEGLU:  # a = gate, b = up
+        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        gelu = _rnd(a / (1.0 + tl.exp(-2.0 * inner)), act)  # 0.5 a (1 + tanh(inner)) = a * sigmoid(2 inner)
+        cols = n0 // 2 + ri
+        tl.store(out_ptr + rm[:, None] * OUT_N + cols[None, :], (gelu * b).to(act), mask=row_ok[:, None])
+    else:  # a = column d, b = column d + hd/2 of one head: x * cos + [-x2, x1] * sin on q and k heads
+        rope = n0 < ROPE_N
+        a, b = tl.where(rope, a * cos1 - b * sin1, a), tl.where(rope, b * cos2 + a * sin2, b)
+        out = out_ptr + rm[:, None] * OUT_N + c1[None, :]
+        tl.store(out, a.to(act), mask=row_ok[:, None])
+        tl.store(out + HD // 2, b.to(act), mask=row_ok[:, None])
+
+
+@triton.jit
+def _residual_epilogue(acc, h, gate, hp, row_ok):
+    """h + round(round(acc) * round(gate)), stored in h's dtype (h, gate fp32 values; hp: h's pointers)."""
+    act = hp.dtype.element_ty
+    tl.store(hp, (h + _rnd(_rnd(acc, act) * gate, act)).to(act), mask=row_ok[:, None])
+
+
+@triton.jit
+def gemm_residual_kernel(
+    a_ptr,  # [M, K] act
+    w_ptr,  # [N, K] act (nn.Linear weight)
+    h_ptr,  # [M, N] act residual stream, updated in place
+    gate_ptr,  # fp32 [N]: gate of this adaRMS norm
+    ws_ptr,  # fp32 [SPLIT_K, grid_m * BLOCK_M, N] partial sums (SPLIT_K > 1)
+    cnt_ptr,  # int32 [grid_m * grid_n] arrival counters, zero between launches
+    M,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    act = w_ptr.dtype.element_ty
+    if USE_PDL:
+        gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * (K // SPLIT_K) + tl.arange(0, K // SPLIT_K)
+    row_ok = rm < M
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :])  # this program's K slice of the weight tile
+    gate = _rnd(tl.load(gate_ptr + rn), act)[None, :]
+    if USE_PDL:
+        gdc_wait()  # the previous kernel (which wrote a) is complete
+    a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=row_ok[:, None], other=0.0)
+    hp = h_ptr + rm[:, None] * N + rn[None, :]
+    h = tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32)  # only the tile's last program writes h
+    acc = tl.dot(a, tl.trans(w), input_precision=DOT_PREC)
+    if SPLIT_K == 1:
+        _residual_epilogue(acc, h, gate, hp, row_ok)
+    else:
+        part = tl.num_programs(2) * BLOCK_M * N  # one split's partials
+        ws = ws_ptr + rm[:, None] * N + rn[None, :]
+        tl.store(ws + pid_k * part, acc)
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # last of the tile: sum in split order, so the result is deterministic
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(ws + s * part, cache_modifier=".cg")
+            _residual_epilogue(total, h, gate, hp, row_ok)
+            tl.store(cnt_ptr + tile, 0)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: exact fp32 products for fp32 operands (as torch's "highest"), else the default."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def pdl_options(pdl: bool) -> dict[str, bool]:
+    """The USE_PDL constexpr and launch option (launch_pdl passed only when on: the interpreter has no such option)."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
+
+
+def block_m(rows: int, cap: int = 64) -> int:
+    """Rows per program of the GEMM kernels: the next power of two >= rows, between 16 and `cap`."""
+    return max(16, min(cap, triton.next_power_of_2(rows)))
+
+
+NORM_BLOCK_M = 16  # rows per program of the kernels that normalize whole rows (32 x 1024 spills registers)
+
+
+def launch_norm_gemm(
+    h: torch.Tensor,
+    mod: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    horizon: int,
+    eps: float,
+    bn: int,
+    warps: int,
+    mod_late: bool,
+    pdl: bool,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    head_dim: int = 0,
+    rope_cols: int = 0,
+) -> None:
+    """out = epilogue(adaRMS(h; mod) @ w.T): RoPE pairs when `cos` is given, else GeGLU pairs.
+
+    h [M, D]; mod fp32 [3D] contiguous; w [N, D] interleaved; out [M, N / 2] (GeGLU) or [M, N] (RoPE);
+    cos/sin [B, 1, horizon, head_dim].
+    """
+    m, d = h.shape
+    bm = block_m(m, NORM_BLOCK_M)  # batch > 1: more programs along M, each loading the weight tile (L2 hits)
+    rope = cos is not None
+    cs = cos if rope else h
+    norm_gemm_kernel[(w.shape[0] // bn, triton.cdiv(m, bm))](
+        h, mod, w, out, cs, sin if rope else h, m, horizon, cs.stride(0) if rope else 0, cs.stride(2) if rope else 0,
+        eps, D=d, OUT_N=out.shape[1], HD=head_dim if rope else 2, ROPE_N=rope_cols, GEGLU=not rope, BLOCK_M=bm,
+        BLOCK_N=bn, DOT_PREC=dot_precision(w.dtype), MOD_LATE=mod_late, num_warps=warps, **pdl_options(pdl),
+    )  # fmt: skip
+
+
+def launch_gemm_residual(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    gate: torch.Tensor,
+    ws: torch.Tensor,
+    counters: torch.Tensor,
+    *,
+    bn: int,
+    split: int,
+    warps: int,
+    pdl: bool,
+) -> None:
+    """h += round(round(a @ w.T) * round(gate)). a [M, K], w [N, K], h [M, N], gate fp32 [N];
+    ws fp32 [>= split * grid_m * BLOCK_M * N]; counters int32 zeros [>= grid_m * N / bn]."""
+    m, k = a.shape
+    n = w.shape[0]
+    bm = block_m(m)
+    gemm_residual_kernel[(n // bn, split, triton.cdiv(m, bm))](
+        a, w, h, gate, ws, counters, m, K=k, N=n, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PREC=dot_precision(w.dtype), num_warps=warps, **pdl_options(pdl),
+    )  # fmt: skip

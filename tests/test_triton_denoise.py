@@ -1,0 +1,114 @@
+"""`TritonDenoise.update` matches `FastPi05.update` (fp32, tiny random models).
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which must be set before Triton itself is
+imported: this module sets it, or reruns its kernel tests in a fresh process if Triton came in earlier). The
+interpreter has no bf16 scalars, hence fp32 models. Tile sizes are shrunk so every code path runs: several key
+blocks (one fully masked), several attention row blocks and output slices, split-K with the last-arriving
+program's epilogue, static_kv, batch 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The interpreter must be on when Triton itself is imported (its own jit functions, tl.zeros etc., too).
+_SET_HERE = DEVICE.type == "cpu" and "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ
+if _SET_HERE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from pi05eval.bench import random_model  # noqa: E402
+from pi05eval.engines.fast import FastPi05, Shortcuts  # noqa: E402
+from pi05eval.engines.triton_denoise import TritonDenoise  # noqa: E402
+from pi05eval.kernels import ExpertKernelConfig  # noqa: E402
+from pi05eval.kernels.expert_triton import norm_gemm_kernel  # noqa: E402
+
+if _SET_HERE:
+    del os.environ["TRITON_INTERPRET"]  # keep it out of other tests' subprocesses; the fixture sets it again
+
+# Triton imported earlier in this process without the interpreter: run the kernel tests in a fresh process.
+IN_PROCESS = DEVICE.type == "cuda" or type(norm_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """The interpreter reads TRITON_INTERPRET while running kernels too."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _in_fresh_process(request) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid]
+    proc = subprocess.run(cmd, cwd=request.config.rootpath, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def _inputs(model, batch: int, prefix_len: int, static_kv: bool, seed: int):
+    """Prefix K/V [depth, B, KV, P (+ H), hd] with ~30% masked keys and the first 16 all masked; RoPE tables; x."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    h = cfg.action_horizon
+    shape = (cfg.depth, batch, cfg.num_kv_heads, prefix_len + (h if static_kv else 0), cfg.head_dim)
+    ks, vs = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    pad = torch.rand(batch, prefix_len, generator=g) > 0.3
+    pad[:, :16] = False  # a whole key chunk masked
+    key_mask = torch.cat([pad, pad.new_ones(batch, h)], dim=1)[:, None]
+    positions = pad.sum(dim=1)[:, None] + torch.arange(h)
+    cos, sin = model._rope(positions, torch.float32)
+    x = torch.randn(batch, h, cfg.action_dim, generator=g)
+    return [t.to(DEVICE) for t in (x, cos, sin, ks, vs, key_mask)]
+
+
+@pytest.mark.parametrize(
+    ("batch", "head_dim", "static_kv", "kernel_cfg"),
+    [
+        (1, 16, False, {"att_bs": 16, "o_split": 4, "down_split": 2}),
+        (
+            2,
+            32,
+            True,
+            {"att_bs": 16, "att_bm": 32, "att_dsplit": 2, "o_split": 1, "qkv_bn": 32, "gu_bn": 16, "mod_late": True},
+        ),
+    ],
+    ids=["b1", "b2_hd32_static_kv"],
+)
+def test_update_matches_fast_path(request, batch, head_dim, static_kv, kernel_cfg) -> None:
+    if not IN_PROCESS:
+        _in_fresh_process(request)
+        return
+    torch.set_float32_matmul_precision("highest")
+    model = random_model("tiny", DEVICE, seed=3, overrides={"head_dim": head_dim}).set_precision("fp32")
+    fast = FastPi05(model, 3, Shortcuts(static_kv=static_kv))
+    td = TritonDenoise(fast, ExpertKernelConfig(**kernel_cfg))
+    x, cos, sin, ks, vs, key_mask = _inputs(model, batch, prefix_len=37, static_kv=static_kv, seed=batch)
+    ref, out = x, x
+    with torch.no_grad():
+        for step in range(3):
+            mods = fast.mods[step]  # [2 * depth + 1, 1, 3 * De]
+            ref = fast.update(ref, mods, cos, sin, ks, vs, key_mask)
+            out = td.update(out, mods, cos, sin, ks, vs, key_mask)
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            assert (out - ref).abs().max() <= 1e-4, f"step {step}: {(out - ref).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("flag", ["fold_time", "fuse_qkv", "fuse_gate_up", "per_batch_mods"])
+def test_refuses_what_it_was_not_built_for(flag) -> None:
+    model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
+    if flag != "per_batch_mods":
+        with pytest.raises(ValueError, match="TritonDenoise needs"):
+            TritonDenoise(FastPi05(model, 2, Shortcuts(**{flag: False})))
+        return
+    fast = FastPi05(model, 2)
+    x, cos, sin, ks, vs, key_mask = (t.cpu() for t in _inputs(model, 2, 20, False, seed=0))
+    with pytest.raises(ValueError, match="shared by the batch"):
+        TritonDenoise(fast).update(x, fast.mods[0].repeat(1, 2, 1), cos, sin, ks, vs, key_mask)
