@@ -131,7 +131,7 @@ def run_precision(model, name: str, specs, inputs, args, refs, calib) -> list[di
                 m.sample_actions(*[x.to(dev) for x in c], num_steps=args.steps)
 
     t0 = time.perf_counter()
-    quantized = apply_plan(copy.deepcopy(model), plan, loop, keep_fake_quant=False)
+    quantized = apply_plan(copy.deepcopy(model), plan, loop)
     quantize_s = time.perf_counter() - t0
     out = []
     for spec in specs:
@@ -346,7 +346,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model.set_precision("bf16")
             refs["eager_bf16"] = model.sample_actions(*dev_inputs, num_steps=steps).cpu()
             for spec in specs:
-                r = run_config(model, spec, inputs, argparse.Namespace(**{**vars(args), "steps": steps}), refs)
+                try:
+                    r = run_config(model, spec, inputs, argparse.Namespace(**{**vars(args), "steps": steps}), refs)
+                except Exception as e:  # one config failing must not lose the others
+                    log.exception("%s batch %d steps %d failed", spec.label, batch, steps)
+                    results.append({"name": spec.label, "error": repr(e), "batch": batch, "steps": steps})
+                    continue
                 r.update(batch=batch, steps=steps)
                 results.append(r)
                 save_partial(args.out, results)

@@ -191,23 +191,32 @@ def test_every_linear_layer_belongs_to_exactly_one_component(tiny) -> None:
 
 
 @pytest.mark.parametrize(("fmt", "tol"), [("fp8", 5e-3), ("int8", 5e-3)])
-def test_real_kernels_reproduce_modelopts_calibrated_fake_quantization(tiny, fmt: str, tol: float) -> None:
+def test_real_kernels_reproduce_modelopts_calibrated_fake_quantization(tiny, fmt: str, tol: float, tmp_path) -> None:
     pytest.importorskip("modelopt")
     model, calls = tiny
-    plan = PrecisionPlan.parse({"compute": "fp32", "prefix": {"mlp": fmt, "attn": fmt}, "expert": {"mlp": fmt}})
+    spec = {"compute": "fp32", "prefix": {"mlp": fmt, "attn": fmt}, "expert": {"mlp": fmt}}
+    plan = PrecisionPlan.parse(spec)
+    ran = []
 
     def loop(m) -> None:
+        ran.append(True)
         for c in calls[:2]:
             m.sample_actions(*c, num_steps=2)
 
+    cache = tmp_path / "scales.pt"
     with torch.no_grad():
         reference = model.sample_actions(*calls[2], num_steps=2)
-        q = apply_plan(copy.deepcopy(model), plan, loop)
+        q = apply_plan(copy.deepcopy(model), plan, loop, scales_cache=cache)
         real = q.model.sample_actions(*calls[2], num_steps=2)
-        simulated = q.fake_quant.sample_actions(*calls[2], num_steps=2)
+        sim = apply_plan(copy.deepcopy(model), PrecisionPlan.parse({**spec, "simulate": True}), loop)
+        simulated = sim.model.sample_actions(*calls[2], num_steps=2)
         fast = FastPi05(q.model, 2, Shortcuts()).sample(*calls[2])  # fused Q/K/V and gate/up of real layers
-    kinds = set(q.describe()["layers"])
-    assert kinds == {fmt}
+        # a second process: the scales come from the cache, no calibration runs
+        ran.clear()
+        again = apply_plan(copy.deepcopy(model), plan, None, scales_cache=cache)
+        assert again.scales_loaded and not ran
+        assert torch.equal(again.model.sample_actions(*calls[2], num_steps=2), real)
+    assert set(q.describe()["layers"]) == {fmt} and not q.scales_loaded
     # the real kernels compute what ModelOpt simulates, up to values on a rounding tie (x / s vs x · 1/s)
     off_sim, off_ref = (real - simulated).abs().max(), (real - reference).abs().max()
     assert off_sim < tol and off_ref > 5 * off_sim, (off_sim, off_ref)

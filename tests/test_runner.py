@@ -239,3 +239,35 @@ def test_missing_backends_and_hardware_fail_before_any_simulation(tmp_path, tiny
         evaluate(compose(overrides), tmp_path)
     assert time.perf_counter() - t0 < 30
     assert not (tmp_path / "episodes.jsonl").exists()
+
+
+def test_a_real_fp8_plan_runs_reports_per_component_fidelity_and_reuses_its_scales(
+    tmp_path, tiny_bundle, monkeypatch
+) -> None:
+    """Real FP8 kernels (torch's CPU `_scaled_mm`) in a LIBERO episode; the calibrated ranges are saved, so a second
+    run skips calibration and reports the same fidelity."""
+    pytest.importorskip("modelopt")
+    monkeypatch.setenv("PI05EVAL_CACHE", str(tmp_path / "cache"))
+    overrides = [
+        "policy=eager_bf16",
+        "policy/precision=fp8",
+        "policy.precision.calibration.num_obs=2",
+        "policy.precision.calibration.holdout=2",
+        f"policy.checkpoint={tiny_bundle}",
+        "policy.device=cpu",
+        *SHORT,
+        "suite.trials_per_task=1",
+        "runner.max_steps=10",
+    ]
+    reports = []
+    for run in ("first", "second"):
+        summary = evaluate(compose(overrides), tmp_path / run)
+        assert summary["simulated_precision"] is False and "latency_note" not in summary
+        reports.append(json.loads((tmp_path / run / "manifest.json").read_text())["precision"])
+    first, second = reports
+    assert first["layers"] == {"fp8": first["layers"]["fp8"]} and first["layers"]["fp8"] > 0
+    assert not first["scales_loaded"] and second["scales_loaded"]
+    assert set(first["fidelity"]["components"]) == {"prefix.attn", "prefix.mlp", "expert.attn", "expert.mlp"}
+    assert first["fidelity"]["components_measured_with"] == "real kernels"
+    assert first["fidelity"]["plan"] == second["fidelity"]["plan"]
+    assert first["fidelity"]["plan"]["max_abs"] > 0

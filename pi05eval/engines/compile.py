@@ -2,9 +2,10 @@
 
 Per prompt-length bucket (and image-slot pattern) the call is three graphs replayed back to back — vision,
 prefill, denoise (all Euler steps) — with CUDA events between them for per-stage times; no host sync and no Python
-control flow on GPU values inside. Inputs are copied into static buffers; the output buffer is reused by the next
-call. Compiled artifacts are cached on disk (`torch.compiler` cache artifacts, keyed by model config, precision,
-steps, shortcuts, batch, GPU and torch version) so a second process skips the cold build.
+control flow on GPU values inside. On CUDA the denoise step is, by default, hand-fused Triton kernels (5 per expert
+layer, `triton_denoise.py`) instead of inductor's. Inputs are copied into static buffers; the output buffer is
+reused by the next call. Compiled artifacts are cached on disk (`torch.compiler` cache artifacts, keyed by model
+config, precision, steps, shortcuts, batch, GPU and torch version) so a second process skips the cold build.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class CompileOptions:
     compile: bool = True  # torch.compile the stages (off: the fast path runs eagerly, still graph-captured)
     mode: str = "default"  # inductor mode (graphs are captured by this engine); max-autotune builds > 4 min
     cache_dir: str | None = None  # None: $PI05EVAL_CACHE/compile or ~/.cache/pi05eval/compile
-    triton_denoise: bool = False  # the denoise step as hand-fused Triton kernels (engines/triton_denoise.py)
+    # the denoise step as hand-fused Triton kernels (engines/triton_denoise.py) on CUDA; where they cannot run
+    # (CPU, quantized expert layers, shortcuts off) the compiled step is used instead
+    triton_denoise: bool = True
 
 
 class _Graphs:
@@ -142,10 +145,15 @@ class CompiledEngine:
             wrap(self.fast.prefill),
             wrap(self.fast.update),
         )
-        if options.triton_denoise:  # launched as is inside the graph (Triton kernels compile on the warm-up)
+        self.triton = False
+        if options.triton_denoise and self.device.type == "cuda":
             from pi05eval.engines.triton_denoise import TritonDenoise
 
-            self._update = TritonDenoise(self.fast).update
+            try:  # launched as is inside the graph (the Triton kernels compile during the warm-up)
+                self._update = TritonDenoise(self.fast).update
+                self.triton = True
+            except ValueError as e:
+                log.info("Triton denoise not used: %s", e)
         self.last: _Graphs | None = None
 
     # ------------------------------------------------------------------------------------------------ building
@@ -159,7 +167,7 @@ class CompiledEngine:
             asdict(shortcuts),
             batch,
             self.options.mode,
-            self.options.triton_denoise,
+            self.options.triton_denoise and self.device.type == "cuda",
             gpu,
             torch.__version__,
         ]

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from pi05eval.policy.base import Observation
+from pi05eval.precision import scales
 from pi05eval.precision.calibration import calibration_set
 from pi05eval.precision.fidelity import ledger
 from pi05eval.precision.plan import PrecisionPlan
-from pi05eval.precision.quantize import QuantizedModel, apply_plan, enable_only
+from pi05eval.precision.quantize import QuantizedModel, apply_plan, enable_only, layers_of
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,39 @@ def _actions(policy: Any, model: torch.nn.Module, observations: Sequence[Observa
     return out
 
 
+def _per_component(policy: Any, q: QuantizedModel, held_out, noises) -> dict[str, Any]:
+    """One quantized component at a time (only when the plan has several): real layers swapped in and out, or the
+    fake-quant model's quantizers switched."""
+    comps = list(q.plan.quantized)
+    if len(comps) < 2:
+        return {}
+    runs = {}
+    for comp in comps:
+        if q.originals is not None:
+
+            def run(comp: str = comp) -> list[np.ndarray]:
+                swapped = layers_of(q.originals, comp)
+                scales.restore(q.model, {n: m for n, m in q.originals.items() if n not in swapped})
+                try:
+                    return _actions(policy, q.model, held_out, noises)
+                finally:
+                    scales.realize(q.model, q.scales, only=set(q.originals) - swapped)
+
+        elif q.fake_quant is not None:
+
+            def run(comp: str = comp) -> list[np.ndarray]:
+                enable_only(q.fake_quant, q.plan, comp)
+                try:
+                    return _actions(policy, q.fake_quant, held_out, noises)
+                finally:
+                    enable_only(q.fake_quant, q.plan, None)
+
+        else:
+            continue
+        runs[comp] = run
+    return runs
+
+
 def apply_to_policy(policy: Any, plan: PrecisionPlan, engine: str) -> QuantizedModel | None:
     """Quantize `policy.model` in place per `plan`; sets `policy.precision_report`. None for an exact plan."""
     if plan.is_exact:
@@ -56,33 +90,26 @@ def apply_to_policy(policy: Any, plan: PrecisionPlan, engine: str) -> QuantizedM
     def forward_loop(model: torch.nn.Module) -> None:
         _actions(policy, model, calib_obs, calib_noises)
 
+    key = scales.scales_key(policy.model, plan, {**calib.meta, "num_obs": len(calib_obs)})
     quantized = apply_plan(
-        policy.model, plan, forward_loop if plan.quantized else None, fake_quant_only=engine == "tensorrt"
+        policy.model,
+        plan,
+        forward_loop if plan.quantized else None,
+        fake_quant_only=engine == "tensorrt",
+        scales_cache=scales.default_dir() / f"{key}.pt",
+        keep_originals=bool(held_out),
     )
     policy.model = quantized.model
     fidelity = None
     if held_out:
-        per_component = {}
-        fq = quantized.fake_quant
-        if fq is not None and len(plan.quantized) > 1:
-            for comp in plan.quantized:
-
-                def run(comp: str = comp) -> list[np.ndarray]:
-                    enable_only(fq, plan, comp)
-                    return _actions(policy, fq, held_out, noises)
-
-                per_component[comp] = run
         fidelity = ledger(
             reference,
             _actions(policy, quantized.model, held_out, noises),
-            per_component,
+            _per_component(policy, quantized, held_out, noises),
             reference=f"{plan.compute} (same model, no plan)",
-            components_measured_with="ModelOpt fake quantization, one component quantized at a time",
+            components_measured_with="fake quantization" if quantized.simulated else "real kernels",
         )
-        if fq is not None:
-            enable_only(fq, plan, None)
-    if quantized.fake_quant is not quantized.model:
-        quantized.fake_quant = None  # the calibration copy: free it
+    quantized.originals = None  # the float layers are no longer needed
     policy.precision_report = {
         **quantized.describe(),
         "fidelity": fidelity,

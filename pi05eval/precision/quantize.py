@@ -17,12 +17,14 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pi05eval.precision.linear import CastLinear, Fp8Linear, Int8Linear, Nvfp4SimLinear, W4A16Linear, int4_group
+from pi05eval.precision import scales
+from pi05eval.precision.linear import CastLinear, Nvfp4SimLinear, int4_group
 from pi05eval.precision.plan import QUANT_FORMATS, PrecisionError, PrecisionPlan, default_format
 
 log = logging.getLogger(__name__)
@@ -150,23 +152,27 @@ class QuantizedModel:
     model: nn.Module
     plan: PrecisionPlan
     simulated: bool = False
-    fake_quant: nn.Module | None = None  # the calibrated ModelOpt model (for per-component fidelity), if any
+    fake_quant: nn.Module | None = None  # the ModelOpt fake-quant model (simulation / TensorRT export)
     replaced: dict[str, str] = field(default_factory=dict)  # linear name -> module kind it became
+    scales: dict[str, scales.LayerScale] | None = None  # calibrated ranges of the real layers
+    scales_loaded: bool = False  # from the scales cache (no calibration ran)
+    originals: dict[str, nn.Module] | None = None  # float layers the real ones replaced (keep_originals)
 
     def describe(self) -> dict[str, Any]:
         kinds: dict[str, int] = {}
         for k in self.replaced.values():
             kinds[k] = kinds.get(k, 0) + 1
-        return {"plan": self.plan.as_dict(), "label": self.plan.label, "simulated": self.simulated, "layers": kinds}
+        return {
+            "plan": self.plan.as_dict(),
+            "label": self.plan.label,
+            "simulated": self.simulated,
+            "layers": kinds,
+            "scales_loaded": self.scales_loaded,
+        }
 
 
 def _on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).is_cuda
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def apply_float_formats(model: nn.Module, plan: PrecisionPlan) -> dict[str, str]:
@@ -178,23 +184,9 @@ def apply_float_formats(model: nn.Module, plan: PrecisionPlan) -> dict[str, str]
             continue
         for name in names[comp]:
             lin = model.get_submodule(name)
-            _set_module(model, name, CastLinear(lin.weight, lin.bias, FLOAT_DTYPES[fmt]))
+            scales.set_module(model, name, CastLinear(lin.weight, lin.bias, FLOAT_DTYPES[fmt]))
             replaced[name] = f"cast_{fmt}"
     return replaced
-
-
-def _real_linear(qlin: nn.Module, fmt: str) -> nn.Module:
-    """A real low-precision layer from a calibrated ModelOpt QuantLinear (its weight may be SmoothQuant-scaled)."""
-    wq, iq = qlin.weight_quantizer, qlin.input_quantizer
-    weight, bias = qlin.weight.detach(), qlin.bias
-    if fmt == "fp8":
-        return Fp8Linear(weight, bias, iq.amax.float().max(), weight_amax=wq.amax)
-    if fmt == "int8":
-        pqs = getattr(iq, "pre_quant_scale", None)
-        return Int8Linear(weight, bias, iq.amax.float().max(), weight_amax=wq.amax, pre_quant_scale=pqs)
-    if fmt == "w4a16":
-        return W4A16Linear(weight, bias, int4_group(weight.shape[1]), block_amax=wq.amax)
-    raise PrecisionError(f"no real kernel for {fmt!r}")
 
 
 def apply_plan(
@@ -203,17 +195,18 @@ def apply_plan(
     forward_loop: Callable[[nn.Module], None] | None,
     *,
     fake_quant_only: bool = False,
-    keep_fake_quant: bool = True,
+    scales_cache: Path | None = None,
+    keep_originals: bool = False,
 ) -> QuantizedModel:
     """Apply the plan in place and return what to run. `forward_loop(model)` runs the calibration observations.
 
     `fake_quant_only`: leave ModelOpt's quantizers in the returned model (simulation, or TensorRT export).
+    `scales_cache`: where the calibrated ranges are saved, and loaded from instead of calibrating again.
+    `keep_originals`: keep the float layers the real ones replaced (per-component fidelity swaps them back).
     """
     replaced = apply_float_formats(model, plan)
     if not plan.quantized:
         return QuantizedModel(model, plan, replaced=replaced)
-    if forward_loop is None:
-        raise PrecisionError(f"quantized components {plan.quantized} need calibration observations")
     names = component_linears(model)
     if plan.simulate and "nvfp4" in plan.quantized.values() and not _on_cuda(model):
         # ModelOpt's NVFP4 fake quantization needs CUDA: on other hosts the same rounding in plain torch
@@ -221,32 +214,51 @@ def apply_plan(
         for comp in [c for c, f in plan.quantized.items() if f == "nvfp4"]:
             for name in names[comp]:
                 lin = model.get_submodule(name)
-                _set_module(model, name, Nvfp4SimLinear(lin.weight, lin.bias))
+                scales.set_module(model, name, Nvfp4SimLinear(lin.weight, lin.bias))
                 replaced[name] = "sim_nvfp4"
         rest = {c: f for c, f in plan.quantized.items() if f != "nvfp4"}
         if not rest:
             return QuantizedModel(model, plan, simulated=True, replaced=replaced)
         plan = replace(plan, formats={**plan.formats, **{c: plan.compute for c in plan.quantized if c not in rest}})
-    mtq = require_modelopt()
-    cfg = modelopt_config(model, plan)
     if plan.simulate or fake_quant_only:
-        mtq.quantize(model, cfg, forward_loop)
+        if forward_loop is None:
+            raise PrecisionError(f"quantized components {plan.quantized} need calibration observations")
+        require_modelopt().quantize(model, modelopt_config(model, plan), forward_loop)
         for comp in plan.quantized:
             replaced |= {n: f"modelopt_{plan.formats[comp]}" for n in names[comp]}
         return QuantizedModel(model, plan, simulated=plan.simulate, fake_quant=model, replaced=replaced)
-    calibrated = copy.deepcopy(model)
-    mtq.quantize(calibrated, cfg, forward_loop)
-    for comp, fmt in plan.quantized.items():
-        for name in names[comp]:
-            qlin = calibrated.get_submodule(name)
-            if qlin.input_quantizer.is_enabled and qlin.input_quantizer.amax is None:
-                # never ran in calibration: e.g. the last LLM layer's Q/O/MLP (only its K/V feed the actions)
-                log.debug("%s saw no calibration input: left in %s", name, plan.compute)
-                continue
-            _set_module(model, name, _real_linear(qlin, fmt))
-            replaced[name] = fmt
-    log.info("precision %s: %d linear layers replaced by real kernels", plan.label, len(replaced))
-    return QuantizedModel(model, plan, fake_quant=calibrated if keep_fake_quant else None, replaced=replaced)
+    layer_scales = scales.load(scales_cache) if scales_cache is not None else None
+    loaded = layer_scales is not None
+    if layer_scales is None:
+        if forward_loop is None:
+            raise PrecisionError(f"quantized components {plan.quantized} need calibration observations")
+        calibrated = copy.deepcopy(model)
+        require_modelopt().quantize(calibrated, modelopt_config(model, plan), forward_loop)
+        layer_scales = scales.extract(calibrated, names, plan)
+        del calibrated
+        if scales_cache is not None:
+            scales.save(scales_cache, layer_scales, {"plan": plan.label})
+    originals = scales.realize(model, layer_scales)
+    replaced |= {n: s.fmt for n, s in layer_scales.items()}
+    log.info(
+        "precision %s: %d linear layers replaced by real kernels (scales %s)",
+        plan.label,
+        len(layer_scales),
+        f"loaded from {scales_cache}" if loaded else "calibrated now",
+    )
+    return QuantizedModel(
+        model,
+        plan,
+        replaced=replaced,
+        scales=layer_scales,
+        scales_loaded=loaded,
+        originals=originals if keep_originals else None,
+    )
+
+
+def layers_of(names: Iterable[str], component: str) -> set[str]:
+    """The names among `names` that belong to `component`."""
+    return {n for n in names if re.search(COMPONENT_PATTERNS[component], n)}
 
 
 def enable_only(fake_quant: nn.Module, plan: PrecisionPlan, component: str | None) -> None:
