@@ -26,6 +26,9 @@ from pi05eval.model.pi05 import Pi05Model
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (32, 64, 128, 200)
+# the Triton denoise kernels' tiles hold every row of the step: at batch 4 (40 rows) they exceed the H200's shared
+# memory (measured: OutOfResources), so larger batches use inductor's denoise step
+TRITON_MAX_BATCH = 2
 
 
 def default_cache_dir() -> Path:
@@ -146,7 +149,9 @@ class CompiledEngine:
             wrap(self.fast.update),
         )
         self.triton = False
-        if options.triton_denoise and self.device.type == "cuda":
+        if options.triton_denoise and self.device.type == "cuda" and batch_size > TRITON_MAX_BATCH:
+            log.info("Triton denoise not used: batch %d > %d", batch_size, TRITON_MAX_BATCH)
+        elif options.triton_denoise and self.device.type == "cuda":
             from pi05eval.engines.triton_denoise import TritonDenoise
 
             try:  # launched as is inside the graph (the Triton kernels compile during the warm-up)
@@ -167,7 +172,7 @@ class CompiledEngine:
             asdict(shortcuts),
             batch,
             self.options.mode,
-            self.options.triton_denoise and self.device.type == "cuda",
+            self.options.triton_denoise and self.device.type == "cuda" and batch <= TRITON_MAX_BATCH,
             gpu,
             torch.__version__,
         ]
