@@ -16,7 +16,7 @@ from pi05eval.engines import EngineSpec, build_engine, parse_engine_spec
 from pi05eval.engines.compile import CompiledEngine, CompileOptions
 from pi05eval.engines.fast import FastPi05, Shortcuts
 
-ALL_OFF = {f: False for f in ("trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "static_kv")}
+ALL_OFF = {f: False for f in ("trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "fuse_vision_qkv", "static_kv")}
 
 
 @pytest.fixture(scope="module")

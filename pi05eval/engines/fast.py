@@ -8,6 +8,7 @@ itself stays plain. Each shortcut can be switched off for A/B:
 * `fold_time`     the time MLP and every adaRMS (scale, shift, gate) depend only on the step's t, which a fixed
                   schedule fixes: computed once at build time, one table per step;
 * `fuse_qkv`      Q, K and V projections as one GEMM; `fuse_gate_up`: GeGLU gate and up as one GEMM;
+                  `fuse_vision_qkv`: SigLIP's Q, K, V (with biases) as one GEMM;
 * `static_kv`     one preallocated K/V buffer per layer [prefix | actions]: the prefill writes the prefix part once,
                   each denoise step overwrites the action part (no per-layer concatenation of the cache);
 * `sdpa_prefix`   prefix attention through `F.scaled_dot_product_attention` (fused kernels) instead of matmul-
@@ -38,6 +39,7 @@ class Shortcuts:
     fold_time: bool = True
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
+    fuse_vision_qkv: bool = True
     static_kv: bool = False  # measured slower on an H200 (17.1 vs 18.6 ms p50): the slice writes cost more than cat
     sdpa_prefix: bool = False  # measured slower on an H200 (prefill 4.9 vs 4.2 ms): off by default
 
@@ -105,6 +107,12 @@ class FastPi05:
         self.times, self.dt = euler_schedule(num_steps)
         self.llm = [_Proj(layer, shortcuts) for layer in model.llm.layers]
         self.expert = [_Proj(layer, shortcuts) for layer in model.expert.layers]
+        self.vision_qkv = None  # per SigLIP layer, one module computing [q | k | v]
+        if shortcuts.fuse_vision_qkv:
+            from pi05eval.precision.linear import fuse_linears
+
+            fused = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) for a in (x.attn for x in model.vision.layers)]
+            self.vision_qkv = fused if all(f is not None for f in fused) else None
         self.mods: torch.Tensor | None = None  # [steps, 2 * depth + 1, 1, 3 * De] fp32 when fold_time
         if shortcuts.fold_time:
             dev = model.action_in.weight.device
@@ -115,7 +123,21 @@ class FastPi05:
 
     def vision(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, N_kept, 3, 224, 224] -> image tokens [B, N_kept * 256, width] (compute dtype)."""
-        return self.model.embed_images(images)
+        if self.vision_qkv is None:
+            return self.model.embed_images(images)
+        m, enc = self.model, self.model.vision
+        b, n = images.shape[:2]
+        x = enc.patch_embed(images.flatten(0, 1).to(enc.patch_embed.weight.dtype))  # [B*N, D, 16, 16]
+        x = (x.flatten(2).transpose(1, 2) + enc.pos_embed).to(enc.compute_dtype)  # [B*N, T, D]
+        for layer, qkv in zip(enc.layers, self.vision_qkv, strict=True):
+            nt, t, d = x.shape
+            heads = layer.attn.heads
+            q, k, v = qkv(layer.norm1(x)).view(nt, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [B*N, h, T, hd]
+            att = F.scaled_dot_product_attention(q, k, v, scale=(d // heads) ** -0.5)
+            x = x + layer.attn.o_proj(att.transpose(1, 2).reshape(nt, t, d))
+            x = x + layer.mlp(layer.norm2(x))
+        tokens = m.projector(enc.norm(x))  # [B*N, T, width]
+        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
     def prefill(
         self, img_tokens: torch.Tensor, img_mask: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor

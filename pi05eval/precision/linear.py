@@ -201,10 +201,14 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
         return None
     kind = kinds.pop()
     if kind is nn.Linear:
-        if any(p.bias is not None for p in parts):
+        biases = [p.bias for p in parts]
+        if any(b is None for b in biases) != all(b is None for b in biases):
             return None
-        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False)
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=biases[0] is not None)
+        fused = fused.to(device=parts[0].weight.device, dtype=parts[0].weight.dtype)
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        if biases[0] is not None:
+            fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
         return fused
     fuse = getattr(kind, "fuse", None)
     return fuse(parts) if fuse is not None else None
