@@ -15,14 +15,7 @@ import torch
 
 from pi05eval.bench import libero_inputs, random_model
 from pi05eval.engines import EngineSpec, build_engine
-from pi05eval.engines.fast import FastPi05, Shortcuts
-from pi05eval.engines.tensorrt import (
-    MissingBackendError,
-    TensorRTEngine,
-    TensorRTOptions,
-    cache_key,
-    check_capability,
-    compile_settings,
+from pi05eval.engines.export import (
     enabled_precisions_for,
     engine_shortcuts,
     export_stages,
@@ -31,6 +24,15 @@ from pi05eval.engines.tensorrt import (
     quantizers,
     stage_inputs,
     weights_fingerprint,
+)
+from pi05eval.engines.fast import FastPi05, Shortcuts
+from pi05eval.engines.tensorrt import (
+    MissingBackendError,
+    TensorRTEngine,
+    TensorRTOptions,
+    cache_key,
+    check_capability,
+    compile_settings,
 )
 
 STEPS, BUCKET = 3, 32

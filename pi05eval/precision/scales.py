@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pi05eval.engines.export import weights_fingerprint
 from pi05eval.precision.linear import Fp8Linear, Int8Linear, W4A16Linear, int4_group
 from pi05eval.precision.plan import PrecisionError, PrecisionPlan
 
@@ -35,21 +36,6 @@ class LayerScale:
 
 def default_dir() -> Path:
     return Path(os.environ.get("PI05EVAL_CACHE", Path.home() / ".cache" / "pi05eval")) / "scales"
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A cheap hash of every tensor (name, shape, dtype, a strided sample and the sum) of a model."""
-    h = hashlib.sha256()
-    samples = []
-    for name, t in model.state_dict().items():
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        samples.append(flat[:: max(1, flat.numel() // 256)].float())
-        if t.is_floating_point():
-            samples.append(flat.sum(dtype=torch.float64).float().reshape(1))
-    if samples:
-        h.update(torch.cat(samples).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def scales_key(model: nn.Module, plan: PrecisionPlan, calibration: dict[str, Any]) -> str:
