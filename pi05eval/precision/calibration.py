@@ -163,3 +163,26 @@ def record(suite: Any, count: int, num_steps_wait: int) -> tuple[list[Observatio
         "record_s": round(time.perf_counter() - start, 1),
     }
     return observations, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Record calibration frames into a file (e.g. for `python -m pi05eval.bench --calib FILE` on a GPU machine
+    that has no LIBERO): `python -m pi05eval.precision.calibration --suite libero_spatial --count 40 --out F.npz`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--suite", default="libero_spatial", help="a LIBERO suite name")
+    p.add_argument("--tasks", type=int, nargs="*", help="task ids (default: all)")
+    p.add_argument("--count", type=int, default=40, help="observations to record")
+    p.add_argument("--num-steps-wait", type=int, default=10)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    suite = {"name": args.suite, "suites": [args.suite], "tasks": args.tasks}
+    observations, meta = record(suite, args.count, args.num_steps_wait)
+    save(Path(args.out), observations, meta)
+    log.info("wrote %d observations of %s to %s", len(observations), args.suite, args.out)
+
+
+if __name__ == "__main__":
+    main()
