@@ -24,6 +24,19 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose(config_name="config", overrides=overrides or [])
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight policy bundle (scripts/make_tiny_policy.py), shared read-only by every test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_policy", REPO / "scripts" / "make_tiny_policy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path_factory.mktemp("tiny")
+    script.make_tiny_policy(out, seed=0)
+    return out
+
+
 @pytest.fixture
 def quiet_runner() -> list[str]:
     """Overrides for short, quiet real rollouts."""

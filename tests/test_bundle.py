@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import shutil
 import threading
@@ -38,16 +37,6 @@ ASSETS = Path("assets") / "physical-intelligence" / "libero" / "norm_stats.json"
 @pytest.fixture(autouse=True)
 def _no_home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PI05EVAL_CACHE", str(tmp_path / "default-cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = importlib.util.spec_from_file_location("make_tiny_policy", REPO / "scripts" / "make_tiny_policy.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path_factory.mktemp("tiny")
-    script.make_tiny_policy(out, seed=0)
-    return out
 
 
 def _copy(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> Path:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from pi05eval.engines.fast import FastPi05, Shortcuts
+from pi05eval.engines.fast import BucketedEngine, FastPi05, Shortcuts
 from pi05eval.model.pi05 import Pi05Model
+from pi05eval.policy.bundle import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ TRITON_MAX_BATCH = 2
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("PI05EVAL_CACHE", Path.home() / ".cache" / "pi05eval")) / "compile"
+    return cache_root() / "compile"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class _Graphs:
         return {name: ev[i].elapsed_time(ev[i + 1]) for i, name in enumerate(("vision", "prefill", "denoise"))}
 
 
-class CompiledEngine:
+class CompiledEngine(BucketedEngine):
     """Drop-in for `Pi05Model.sample_actions` (fixed num_steps and batch size)."""
 
     name = "compile"
@@ -132,8 +133,7 @@ class CompiledEngine:
         self.fast = FastPi05(model, num_steps, shortcuts)
         self.options = options
         self.use_graphs = options.cuda_graph and self.device.type == "cuda"
-        max_len = model.cfg.max_token_len
-        self.buckets = tuple(sorted({b for b in options.buckets if b < max_len} | {max_len}))
+        self.buckets = self.bucket_set(options.buckets, model.cfg.max_token_len)
         self.key = self._cache_key(precision, num_steps, shortcuts, batch_size)
         self.cache_file = Path(options.cache_dir or default_cache_dir()) / f"{self.key}.bin"
         self.graphs: dict[tuple[int, tuple[int, ...]], _Graphs] = {}
@@ -201,20 +201,10 @@ class CompiledEngine:
     def denoise(self, noise, ks, vs, key_mask) -> torch.Tensor:
         return self.fast.denoise(noise, ks, vs, key_mask, update=self._update)
 
-    def bucket_for(self, length: int) -> int:
-        """The smallest bucket holding `length` valid prompt tokens (the full length without trimming)."""
-        if not self.fast.s.trim_prefix:
-            return self.model.cfg.max_token_len
-        return next(b for b in self.buckets if b >= length)
-
     def prepare(self, prompt_lengths: Iterable[int], image_masks: tuple[bool, ...] = (True, True, False)) -> float:
         """Build (compile + capture) every bucket these prompt lengths need; returns the seconds spent."""
         t0 = time.perf_counter()
-        keep = (
-            tuple(i for i, m in enumerate(image_masks) if m)
-            if self.fast.s.trim_prefix
-            else tuple(range(len(image_masks)))
-        )
+        keep = self.kept_slots(image_masks)
         for bucket in sorted({self.bucket_for(n) for n in prompt_lengths}):
             self._graphs(bucket, keep)
         if self.options.compile:
@@ -254,17 +244,9 @@ class CompiledEngine:
     @torch.no_grad()
     def sample_actions(self, images, image_masks, tokens, token_mask, noise, num_steps: int | None = None):
         """Same contract as `Pi05Model.sample_actions`; returns a buffer overwritten by the next call."""
-        if num_steps not in (None, self.fast.num_steps):
-            raise ValueError(f"engine built for {self.fast.num_steps} steps, called with {num_steps}")
-        if images.shape[0] != self.batch_size:
-            raise ValueError(f"engine built for batch {self.batch_size}, called with {images.shape[0]}")
-        host_masks = image_masks.cpu()
-        lengths = token_mask.cpu().sum(dim=1)
-        bucket = self.bucket_for(int(lengths.max()))
-        images, image_masks, tokens, token_mask = self.fast.select_inputs(
-            images, host_masks, tokens, token_mask, bucket
+        bucket, keep, (images, image_masks, tokens, token_mask) = self.route(
+            images, image_masks, tokens, token_mask, num_steps
         )
-        keep = tuple(i for i, m in enumerate(host_masks.any(dim=0).tolist()) if m or not self.fast.s.trim_prefix)
         g = self._graphs(bucket, keep)
         g.images.copy_(images, non_blocking=True)
         g.img_mask.copy_(image_masks, non_blocking=True)

@@ -51,7 +51,9 @@ from pi05eval.engines.export import (
     stage_inputs,
     weights_fingerprint,
 )
-from pi05eval.engines.fast import FastPi05, Shortcuts
+from pi05eval.engines.fast import BucketedEngine, FastPi05, Shortcuts
+from pi05eval.policy.bundle import cache_root
+from pi05eval.precision.plan import MIN_CAPABILITY
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,6 @@ DEFAULT_BUCKETS = (32, 64, 128, 200)
 # TensorRTOptions fields passed on to torch_tensorrt.dynamo.compile
 COMPILE_FIELDS = ("use_explicit_typing", "workspace_size", "optimization_level", "min_block_size")
 COMPILE_FIELDS += ("require_full_compilation", "truncate_double")
-MIN_CAPABILITY = {"fp8": (8, 9), "nvfp4": (10, 0)}
 INSTALL_HINT = (
     'install it with `pip install "pi05eval[tensorrt]"` (NVIDIA GPU, Linux), or use the compile engine instead: '
     "policy=compile_bf16 or policy=compile_fp8"
@@ -106,7 +107,7 @@ def check_capability(formats: Iterable[str], capability: tuple[int, int]) -> Non
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("PI05EVAL_CACHE", Path.home() / ".cache" / "pi05eval")) / "tensorrt"
+    return cache_root() / "tensorrt"
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ class _Built:
         return {name: ev[i].elapsed_time(ev[i + 1]) for i, name in enumerate(STAGES)}
 
 
-class TensorRTEngine:
+class TensorRTEngine(BucketedEngine):
     """Drop-in for `Pi05Model.sample_actions` (fixed num_steps and batch size) running TensorRT engines."""
 
     name = "tensorrt"
@@ -270,8 +271,7 @@ class TensorRTEngine:
         self.enabled_precisions = set(enabled_precisions) if enabled_precisions else enabled_precisions_for(model)
         self.fast = FastPi05(model, num_steps, shortcuts)
         self.mods = modulation_table(self.fast)
-        max_len = model.cfg.max_token_len
-        self.buckets = tuple(sorted({b for b in options.buckets if b < max_len} | {max_len}))
+        self.buckets = self.bucket_set(options.buckets, model.cfg.max_token_len)
         self.cache_dir = Path(options.cache_dir or default_cache_dir())
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         versions = (torch.__version__, getattr(trt, "__version__", "?"))
@@ -284,12 +284,6 @@ class TensorRTEngine:
         self.cache_loaded = False
         self.last: _Built | None = None
 
-    def bucket_for(self, length: int) -> int:
-        """The smallest bucket holding `length` valid prompt tokens (the full length without trimming)."""
-        if not self.fast.s.trim_prefix:
-            return self.model.cfg.max_token_len
-        return next(b for b in self.buckets if b >= length)
-
     def stage_file(self, stage: str, bucket: int, images: int) -> Path:
         steps = self._key_parts["num_steps"] if stage == "denoise" else 0
         bucket = 0 if stage == "vision" else bucket
@@ -299,7 +293,7 @@ class TensorRTEngine:
     def prepare(self, prompt_lengths: Iterable[int], image_masks: tuple[bool, ...] = (True, True, False)) -> float:
         """Build (or load) every bucket these prompt lengths need; returns the seconds spent."""
         t0 = time.perf_counter()
-        keep = tuple(i for i, m in enumerate(image_masks) if m or not self.fast.s.trim_prefix)
+        keep = self.kept_slots(image_masks)
         for bucket in sorted({self.bucket_for(n) for n in prompt_lengths}):
             self._built(bucket, keep)
         return time.perf_counter() - t0
@@ -336,16 +330,9 @@ class TensorRTEngine:
     @torch.no_grad()
     def sample_actions(self, images, image_masks, tokens, token_mask, noise, num_steps: int | None = None):
         """Same contract as `Pi05Model.sample_actions` (host or device inputs; device actions)."""
-        if num_steps not in (None, self.fast.num_steps):
-            raise ValueError(f"engine built for {self.fast.num_steps} steps, called with {num_steps}")
-        if images.shape[0] != self.batch_size:
-            raise ValueError(f"engine built for batch {self.batch_size}, called with {images.shape[0]}")
-        host_masks = image_masks.cpu()
-        bucket = self.bucket_for(int(token_mask.cpu().sum(dim=1).max()))
-        images, image_masks, tokens, token_mask = self.fast.select_inputs(
-            images, host_masks, tokens, token_mask, bucket
+        bucket, keep, (images, image_masks, tokens, token_mask) = self.route(
+            images, image_masks, tokens, token_mask, num_steps
         )
-        keep = tuple(i for i, m in enumerate(host_masks.any(dim=0).tolist()) if m or not self.fast.s.trim_prefix)
         self.last = self._built(bucket, keep)
         return self.last(images, image_masks, tokens, token_mask, noise)
 

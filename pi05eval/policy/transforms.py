@@ -124,27 +124,25 @@ class Normalize:
     stats: Mapping[str, NormStats]
     mode: NormMode = "quantile"
 
+    @staticmethod
+    def _apply(x: np.ndarray, st: NormStats, mode: NormMode) -> np.ndarray:
+        return normalize(x, st, mode)
+
     def __call__(self, data: Data) -> Data:
         out = dict(data)
         for key, st in self.stats.items():
             if key in out:
-                out[key] = normalize(np.asarray(out[key], dtype=np.float64), st, self.mode)
+                out[key] = self._apply(np.asarray(out[key], dtype=np.float64), st, self.mode)
         return out
 
 
 @dataclass(frozen=True)
-class Unnormalize:
+class Unnormalize(Normalize):
     """Unnormalize every key that has statistics (at inference: ``actions``)."""
 
-    stats: Mapping[str, NormStats]
-    mode: NormMode = "quantile"
-
-    def __call__(self, data: Data) -> Data:
-        out = dict(data)
-        for key, st in self.stats.items():
-            if key in out:
-                out[key] = unnormalize(np.asarray(out[key], dtype=np.float64), st, self.mode)
-        return out
+    @staticmethod
+    def _apply(x: np.ndarray, st: NormStats, mode: NormMode) -> np.ndarray:
+        return unnormalize(x, st, mode)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pi05eval.policy.base import Observation
+from pi05eval.policy.bundle import cache_root
 from pi05eval.precision.plan import CalibrationConfig, PrecisionError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class CalibrationSet:
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("PI05EVAL_CACHE", Path.home() / ".cache" / "pi05eval")) / "calibration"
+    return cache_root() / "calibration"
 
 
 def _suite_fields(suite: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,10 +46,7 @@ REAL_FORMATS: dict[str, tuple[str, ...]] = {
     "compile": ("fp32", "bf16", "fp16", "fp8", "int8", "w4a16"),
     "tensorrt": ("fp32", "bf16", "fp16", "fp8", "int8", "w4a16", "nvfp4"),
 }
-WHY_NOT = {
-    "nvfp4": "torch has no NVFP4 GEMM for it (TensorRT on a Blackwell GPU has)",
-    "fp8": "no FP8 path in this engine",
-}
+WHY_NOT = {"nvfp4": "torch has no NVFP4 GEMM for it (TensorRT on a Blackwell GPU has)"}
 
 
 class MissingQuantBackend(ImportError):
@@ -159,14 +157,11 @@ class QuantizedModel:
     originals: dict[str, nn.Module] | None = None  # float layers the real ones replaced (keep_originals)
 
     def describe(self) -> dict[str, Any]:
-        kinds: dict[str, int] = {}
-        for k in self.replaced.values():
-            kinds[k] = kinds.get(k, 0) + 1
         return {
             "plan": self.plan.as_dict(),
             "label": self.plan.label,
             "simulated": self.simulated,
-            "layers": kinds,
+            "layers": dict(Counter(self.replaced.values())),  # module kind -> count
             "scales_loaded": self.scales_loaded,
         }
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pi05eval.engines.export import weights_fingerprint
+from pi05eval.policy.bundle import cache_root
 from pi05eval.precision.linear import Fp8Linear, Int8Linear, W4A16Linear, int4_group
 from pi05eval.precision.plan import PrecisionError, PrecisionPlan
 
@@ -35,7 +36,7 @@ class LayerScale:
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("PI05EVAL_CACHE", Path.home() / ".cache" / "pi05eval")) / "scales"
+    return cache_root() / "scales"
 
 
 def scales_key(model: nn.Module, plan: PrecisionPlan, calibration: dict[str, Any]) -> str:
