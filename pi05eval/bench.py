@@ -214,7 +214,7 @@ def profile_kernels(
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.sample_actions(*inputs).cpu()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=70)
     if path:
         with open(path, "w") as f:
             f.write(table)

@@ -39,22 +39,30 @@ from pi05eval.kernels import ExpertKernelConfig
 log = logging.getLogger("bench_triton_denoise")
 
 SWEEP: dict[str, list] = {  # field -> candidates (coordinate descent on the whole denoise, in this order)
-    "mod_late": [True],
-    "gu_bn": [32, 64, 128],
+    "gu_split": [1, 2, 4, 8],
+    "gu_bn": [16, 32, 64, 128],
     "gu_warps": [4, 8],
+    "qkv_split": [1, 2, 4, 8],
     "qkv_bn": [16, 32, 64],
     "qkv_warps": [4, 8],
-    "att_bs": [32, 64],
+    "down_split": [2, 4, 8, 16],
+    "down_bn": [16, 32, 64],
+    "down_warps": [4, 8],
+    "o_split": [2, 4, 8, 16],
+    "o_bn": [16, 32, 64],
+    "o_warps": [4, 8],
+    "att_bs": [32, 64, 128],
     "att_dsplit": [1, 2, 4],
     "att_bm": [16, 32],
     "att_warps": [4, 8],
-    "o_split": [2, 4, 8],
-    "o_bn": [32, 64],
-    "o_warps": [4, 8],
-    "down_split": [2, 4, 8],
-    "down_bn": [32, 64],
-    "down_warps": [4, 8],
-    "io_bn": [16, 32],
+    "mod_late": [False, True],
+    "stages": [2, 3, 4],
+    "swap": [True, False],
+    "gu_bk": [64, 128, 256],
+    "down_bk": [64, 128, 256],
+    "qkv_bk": [64, 128, 256],
+    "o_bk": [64, 128, 256],
+    "io_bn": [16, 32, 64],
 }
 
 
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--sweep-s", type=float, default=150.0, help="stop sweeping after this many seconds")
+    p.add_argument("--sweep-passes", type=int, default=2, help="passes over the fields (until --sweep-s)")
     p.add_argument("--config", default="{}", help="JSON ExpertKernelConfig overrides for the main runs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         cur = time_config(best)
         start = cur
-        for name, values in SWEEP.items():
+        for name, values in [item for _ in range(args.sweep_passes) for item in SWEEP.items()]:
             for v in values:
                 if v == best[name] or time.perf_counter() > deadline:
                     continue

@@ -72,15 +72,26 @@ def _inputs(model, batch: int, prefix_len: int, static_kv: bool, seed: int):
 @pytest.mark.parametrize(
     ("batch", "head_dim", "static_kv", "kernel_cfg"),
     [
-        (1, 16, False, {"att_bs": 16, "o_split": 4, "down_split": 2}),
+        (1, 16, False, {"att_bs": 16, "o_split": 4, "down_split": 2, "qkv_split": 4, "gu_split": 2}),
         (
             2,
             32,
             True,
-            {"att_bs": 16, "att_bm": 32, "att_dsplit": 2, "o_split": 1, "qkv_bn": 32, "gu_bn": 16, "mod_late": True},
+            {
+                "att_bs": 16,
+                "att_bm": 32,
+                "att_dsplit": 2,
+                "o_split": 1,
+                "qkv_bn": 32,
+                "gu_bn": 16,
+                "gu_split": 2,
+                "mod_late": True,
+            },
         ),
+        (1, 16, False, {"stream": True, "qkv_split": 2, "gu_bk": 16, "o_split": 2, "down_bk": 32, "swap": False}),
+        (2, 32, True, {"stream": True, "gu_split": 2, "qkv_bk": 32, "down_split": 4, "o_bk": 16, "stages": 2}),
     ],
-    ids=["b1", "b2_hd32_static_kv"],
+    ids=["b1", "b2_hd32_static_kv", "stream_b1", "stream_b2"],
 )
 def test_update_matches_fast_path(request, batch, head_dim, static_kv, kernel_cfg) -> None:
     if not IN_PROCESS:

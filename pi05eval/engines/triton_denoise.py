@@ -7,7 +7,8 @@ branches are rounded to the activation dtype where PyTorch rounds them. Launches
 0. `action_in_kernel`            h = round(x @ W_in.T + b_in) into the residual buffer (fp32 math).
 per expert layer:
 1. `norm_gemm_kernel` (ROPE)     attention adaRMS (mean of squares recomputed per program) + fused QKV GEMM + RoPE on
-                                 q and k -> qkv [M, (H + 2 KV) hd]. Weight rows pair-interleaved at build time so a
+                                 q and k -> qkv [M, (H + 2 KV) hd]; optionally split-K (the last program of a tile
+                                 sums the partials, then applies RoPE). Weight rows pair-interleaved at build time so a
                                  tile holds both halves (d, d + hd/2) of the rotated columns.
 2. `attention_kernel`            8 heads x H tokens (one row set per K/V head) over [prefix K/V | action K/V] with the
                                  key mask, fp32 softmax; keys split over programs, the last one combines -> att.
@@ -34,6 +35,7 @@ import torch
 
 from pi05eval.engines.fast import FastPi05
 from pi05eval.kernels import (
+    NORM_BLOCK_M,
     AttentionScratch,
     ExpertKernelConfig,
     block_m,
@@ -46,6 +48,7 @@ from pi05eval.kernels import (
     launch_step_out,
     resolve,
 )
+from pi05eval.kernels.stream_triton import launch_gemm_residual_stream, launch_norm_gemm_stream
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +69,19 @@ class _Scratch:
         self.att = torch.empty(m, cfg.num_heads * cfg.head_dim, dtype=dt, device=dev)  # [M, H * hd]
         self.act = torch.empty(m, cfg.expert_mlp_dim, dtype=dt, device=dev)  # gelu(gate) * up [M, mlp]
         bm = block_m(m)
-        grid_m = -(-m // bm)
-        # split-K partials and arrival counters, shared by the O and down launches (each resets its counters)
-        self.ws = torch.empty(max(c.o_split, c.down_split) * grid_m * bm * d, dtype=torch.float32, device=dev)
-        self.counters = torch.zeros(grid_m * d // min(c.o_bn, c.down_bn), dtype=torch.int32, device=dev)
+        # split-K partials and arrival counters, shared by the GEMM launches (each resets its counters);
+        # per launch: (split, rows per program, output columns, columns per program)
+        rows_norm = block_m(m, NORM_BLOCK_M)
+        gemms = [
+            (c.qkv_split, rows_norm, self.qkv.shape[1], c.qkv_bn),
+            (c.gu_split, rows_norm, 2 * cfg.expert_mlp_dim, c.gu_bn),
+            (c.o_split, bm, d, c.o_bn),
+            (c.down_split, bm, d, c.down_bn),
+        ]
+        ws = max([split * -(-m // rows) * rows * n for split, rows, n, _ in gemms if split > 1] + [1])
+        self.ws = torch.empty(ws, dtype=torch.float32, device=dev)
+        tiles = max(-(-m // rows) * n // bn for _, rows, n, bn in gemms)
+        self.counters = torch.zeros(tiles, dtype=torch.int32, device=dev)
         self.attn = AttentionScratch(
             batch, prefix_len, cfg.action_horizon, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             c.att_bm, c.att_bs, c.att_dsplit, dev,
@@ -202,15 +214,27 @@ class TritonDenoise:
         sc = self._buffers(b, ks.shape[3])
         prefix_len = ks.shape[3] - (horizon if self.fast.s.static_kv else 0)
         d, hd, heads, kv = cfg.expert_width, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        pdl, late = self.pdl, c.mod_late
+        pdl = self.pdl
+        if c.stream:
+            norm_gemm, gemm_residual = launch_norm_gemm_stream, launch_gemm_residual_stream
+
+            def tiles(kernel: str, norm: bool = True) -> dict[str, int | bool]:
+                return {"bk": getattr(c, f"{kernel}_bk"), "stages": c.stages, "swap": c.swap}
+
+        else:
+            norm_gemm, gemm_residual = launch_norm_gemm, launch_gemm_residual
+
+            def tiles(kernel: str, norm: bool = True) -> dict[str, int | bool]:
+                return {"mod_late": c.mod_late} if norm else {}
+
         launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
         for i in range(cfg.depth):
             mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
             if "qkv" in kernels:
-                launch_norm_gemm(
-                    sc.h, mod_attn, self.wqkv[i], sc.qkv, horizon=horizon, eps=self.eps, bn=c.qkv_bn,
-                    warps=c.qkv_warps, mod_late=late, pdl=pdl, cos=cos, sin=sin, head_dim=hd,
-                    rope_cols=(heads + kv) * hd,
+                norm_gemm(
+                    sc.h, mod_attn, self.wqkv[i], sc.qkv, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
+                    bn=c.qkv_bn, split=c.qkv_split, warps=c.qkv_warps, pdl=pdl, cos=cos, sin=sin, head_dim=hd,
+                    rope_cols=(heads + kv) * hd, **tiles("qkv"),
                 )  # fmt: skip
             if "attn" in kernels:
                 launch_attention(
@@ -219,18 +243,18 @@ class TritonDenoise:
                     dsplit=c.att_dsplit, warps=c.att_warps, pdl=pdl,
                 )  # fmt: skip
             if "o" in kernels:
-                launch_gemm_residual(
+                gemm_residual(
                     sc.att, self.wo[i], sc.h, mod_attn[2 * d :], sc.ws, sc.counters, bn=c.o_bn, split=c.o_split,
-                    warps=c.o_warps, pdl=pdl,
+                    warps=c.o_warps, pdl=pdl, **tiles("o", norm=False),
                 )  # fmt: skip
             if "gu" in kernels:
-                launch_norm_gemm(
-                    sc.h, mod_mlp, self.wgu[i], sc.act, horizon=horizon, eps=self.eps, bn=c.gu_bn,
-                    warps=c.gu_warps, mod_late=late, pdl=pdl,
+                norm_gemm(
+                    sc.h, mod_mlp, self.wgu[i], sc.act, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
+                    bn=c.gu_bn, split=c.gu_split, warps=c.gu_warps, pdl=pdl, **tiles("gu"),
                 )  # fmt: skip
             if "down" in kernels:
-                launch_gemm_residual(
+                gemm_residual(
                     sc.act, self.wd[i], sc.h, mod_mlp[2 * d :], sc.ws, sc.counters, bn=c.down_bn,
-                    split=c.down_split, warps=c.down_warps, pdl=pdl,
+                    split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles("down", norm=False),
                 )  # fmt: skip
         return sc.h

@@ -2,6 +2,7 @@
 
 from pi05eval.kernels.attention_triton import AttentionScratch, launch_attention
 from pi05eval.kernels.expert_triton import (
+    NORM_BLOCK_M,
     ExpertKernelConfig,
     block_m,
     interleave_gate_up,
@@ -13,6 +14,7 @@ from pi05eval.kernels.expert_triton import (
 from pi05eval.kernels.step_triton import launch_action_in, launch_step_out
 
 __all__ = [
+    "NORM_BLOCK_M",
     "AttentionScratch",
     "ExpertKernelConfig",
     "block_m",

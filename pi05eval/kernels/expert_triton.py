@@ -36,14 +36,18 @@ class ExpertKernelConfig:
     """Tile sizes of the kernels of one denoise step (clamped to the model's dimensions by `resolve`).
 
     *_bn: output columns per program (pair-interleaved kernels: weight rows, i.e. bn / 2 output pairs), each program
-    holding bn x K (qkv, gu) or bn x K / *_split (o, down: split-K) of the weight. att_bs: keys per attention program
-    (key blocks, combined by the last program); att_bm: query rows per program; att_dsplit: programs sharing a row
-    block and key block, each producing hd / att_dsplit output columns. mod_late: load the adaRMS scale / shift after
-    the wait (fewer live registers) instead of with the weights. pdl: programmatic dependent launch (Hopper+).
+    holding bn x K / *_split of the weight (*_split programs share an output tile: split-K). stream: the GEMMs as
+    `stream_triton`'s kernels, which loop over *_bk-wide chunks of K pipelined through `stages` shared-memory buffers
+    (swap: the weight on the MMA's A side) instead of holding the whole tile in registers. att_bs: keys per
+    attention program (key blocks, combined by the last program); att_bm: query rows per program; att_dsplit:
+    programs sharing a row block and key block, each producing hd / att_dsplit output columns. mod_late: load the
+    adaRMS scale / shift after the wait (fewer live registers) instead of with the weights. pdl: programmatic
+    dependent launch (Hopper+).
     Defaults: the best of a coordinate-descent sweep on an H200 (scripts/bench_triton_denoise.py).
     """
 
     qkv_bn: int = 64
+    qkv_split: int = 1
     qkv_warps: int = 8
     att_bs: int = 64
     att_bm: int = 16
@@ -53,6 +57,7 @@ class ExpertKernelConfig:
     o_split: int = 4
     o_warps: int = 4
     gu_bn: int = 64
+    gu_split: int = 1
     gu_warps: int = 8
     down_bn: int = 64
     down_split: int = 4
@@ -60,6 +65,13 @@ class ExpertKernelConfig:
     io_bn: int = 64
     mod_late: bool = False
     pdl: bool = True
+    stream: bool = False
+    qkv_bk: int = 256
+    o_bk: int = 256
+    gu_bk: int = 256
+    down_bk: int = 256
+    stages: int = 3
+    swap: bool = True
 
 
 def _pow2_at_most(value: int, limit: int) -> int:
@@ -80,6 +92,8 @@ def resolve(cfg: ExpertKernelConfig, width: int, mlp: int, q_width: int, head_di
         att_bs=_pow2_at_most(cfg.att_bs, 1 << 12),
         att_dsplit=max(1, min(cfg.att_dsplit, head_dim // 16)),
         o_bn=_pow2_at_most(cfg.o_bn, width),
+        qkv_split=max(1, min(cfg.qkv_split, width // 16)),
+        gu_split=max(1, min(cfg.gu_split, width // 16)),
         o_split=max(1, min(cfg.o_split, q_width // 16)),
         gu_bn=_pow2_at_most(cfg.gu_bn, 2 * mlp),
         down_bn=_pow2_at_most(cfg.down_bn, width),
@@ -88,7 +102,7 @@ def resolve(cfg: ExpertKernelConfig, width: int, mlp: int, q_width: int, head_di
     )
     dims = {"width": width, "mlp": mlp, "q_width": q_width, "head_dim": head_dim}
     bad = [f"{k}={v} is not a power of 2 >= 16" for k, v in dims.items() if not _is_pow2(v)]
-    splits = ("o_split", "down_split", "att_dsplit")
+    splits = ("qkv_split", "gu_split", "o_split", "down_split", "att_dsplit")
     bad += [f"{k}={getattr(out, k)} is not a power of 2" for k in splits if getattr(out, k) & (getattr(out, k) - 1)]
     if bad:
         raise ValueError(f"kernel config {out} does not tile this model: {bad}")
@@ -117,12 +131,77 @@ def _rnd(x, dtype: tl.constexpr):
 def ada_rms_norm(h, mod_ptr, rk, D: tl.constexpr, eps, scale, shift, MOD_LATE: tl.constexpr):
     """AdaRMSNorm of rows h [BM, D] (act): round(h * rsqrt(mean(h^2) + eps) * (1 + scale) + shift), fp32 math.
     scale / shift [1, D] fp32 were loaded already, or (MOD_LATE) are loaded here from mod_ptr (+ rk)."""
+    ss = tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=1)
+    rstd = 1.0 / tl.sqrt(ss / D + eps)
+    return norm_slice(h, rstd, mod_ptr, rk, D, scale, shift, MOD_LATE)
+
+
+@triton.jit
+def norm_slice(h, rstd, mod_ptr, rk, D: tl.constexpr, scale, shift, MOD_LATE: tl.constexpr):
+    """`ada_rms_norm` of a column slice h [BM, KS] (columns rk) given the whole rows' rstd [BM] (fp32 math)."""
     if MOD_LATE:
         scale = tl.load(mod_ptr + rk)[None, :]
         shift = tl.load(mod_ptr + D + rk)[None, :]
-    ss = tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=1)
-    rstd = 1.0 / tl.sqrt(ss / D + eps)
     return (h.to(tl.float32) * rstd[:, None] * (1.0 + scale) + shift).to(h.dtype)
+
+
+@triton.jit
+def _pair_epilogue(
+    y, rm, row_ok, n0, out_ptr, cos1, sin1, cos2, sin2,
+    OUT_N: tl.constexpr, HD: tl.constexpr, ROPE_N: tl.constexpr, GEGLU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Split the pair-interleaved columns of y [BLOCK_M, BLOCK_N] (rounded GEMM output) and store RoPE / GeGLU."""
+    act = out_ptr.dtype.element_ty
+    ri = tl.arange(0, BLOCK_N // 2)
+    a, b = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
+    if GEGLU:  # a = gate, b = up
+        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        gelu = _rnd(a / (1.0 + tl.exp(-2.0 * inner)), act)  # 0.5 a (1 + tanh(inner)) = a * sigmoid(2 inner)
+        cols = n0 // 2 + ri
+        tl.store(out_ptr + rm[:, None] * OUT_N + cols[None, :], (gelu * b).to(act), mask=row_ok[:, None])
+    else:  # a = column d, b = column d + hd/2 of one head: x * cos + [-x2, x1] * sin on q and k heads
+        c1 = (n0 // HD) * HD + (n0 % HD) // 2 + ri
+        rope = n0 < ROPE_N
+        a, b = tl.where(rope, a * cos1 - b * sin1, a), tl.where(rope, b * cos2 + a * sin2, b)
+        out = out_ptr + rm[:, None] * OUT_N + c1[None, :]
+        tl.store(out, a.to(act), mask=row_ok[:, None])
+        tl.store(out + HD // 2, b.to(act), mask=row_ok[:, None])
+
+
+@triton.jit
+def _rope_tables(cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """cos / sin [BM, BN / 2] fp32 at the two halves (d, d + hd/2) of a pair-interleaved RoPE tile's columns."""
+    c1 = (n0 // HD) * HD + (n0 % HD) // 2 + tl.arange(0, BLOCK_N // 2)  # output columns of the pairs' first halves
+    cs = (rm // L)[:, None] * cs_stride_b + (rm % L)[:, None] * cs_stride_l + (c1 % HD)[None, :]
+    cos1 = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return cos1, sin1, cos2, sin2
+
+
+@triton.jit
+def _split_k_total(acc, ws_ptr, cnt_ptr, rm, rn, N: tl.constexpr, SPLIT_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Store this program's partial acc [BM, BN]; -> (is the tile's last program, the sum of all partials if so).
+
+    Grid (n tiles, SPLIT_K, m blocks); ws fp32 [SPLIT_K, grid_m * BLOCK_M, N]; the last program of a tile (an
+    arrival counter, reset by it) sums the partials in split order, so the result is deterministic."""
+    part = tl.num_programs(2) * BLOCK_M * N  # one split's partials
+    ws = ws_ptr + rm[:, None] * N + rn[None, :]
+    tl.store(ws + tl.program_id(1) * part, acc)
+    tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+    tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if last:
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(ws + s * part, cache_modifier=".cg")
+        tl.store(cnt_ptr + tile, 0)
+    return last, total
 
 
 @triton.jit
@@ -131,6 +210,8 @@ def norm_gemm_kernel(
     mod_ptr,  # fp32 [3D]: (scale | shift | gate) of this adaRMS norm, shared by the batch
     w_ptr,  # [N, D] act: pair-interleaved weight
     out_ptr,  # [M, OUT_N] act
+    ws_ptr,  # fp32 [SPLIT_K, grid_m * BLOCK_M, N] partial sums (SPLIT_K > 1)
+    cnt_ptr,  # int32 [grid_m * grid_n] arrival counters, zero between launches (SPLIT_K > 1)
     cos_ptr,  # [B, 1, L, HD] act (ROPE only)
     sin_ptr,
     M,
@@ -139,10 +220,12 @@ def norm_gemm_kernel(
     cs_stride_l,
     eps,
     D: tl.constexpr,
+    N: tl.constexpr,
     OUT_N: tl.constexpr,
     HD: tl.constexpr,
     ROPE_N: tl.constexpr,  # ROPE: the first ROPE_N columns (q and k heads) are rotated
     GEGLU: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs sharing an output tile, each over D / SPLIT_K of the normalized row
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for 16-bit ones
@@ -153,40 +236,42 @@ def norm_gemm_kernel(
     if USE_PDL:
         gdc_launch_dependents()
     n0 = tl.program_id(0) * BLOCK_N
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_k = tl.program_id(1)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
-    rk = tl.arange(0, D)
-    ri = tl.arange(0, BLOCK_N // 2)
+    KS: tl.constexpr = D // SPLIT_K
+    rk = pid_k * KS + tl.arange(0, KS)  # this program's slice of the reduction
     # inputs no kernel of the step writes: the weight tile, the modulation, RoPE tables
     w = tl.load(w_ptr + (n0 + tl.arange(0, BLOCK_N))[:, None] * D + rk[None, :])
     scale, shift = 0.0, 0.0
     if not MOD_LATE:
         scale = tl.load(mod_ptr + rk)[None, :]
         shift = tl.load(mod_ptr + D + rk)[None, :]
-    c1 = (n0 // HD) * HD + (n0 % HD) // 2 + ri  # ROPE: output columns of the pairs' first halves
+    cos1, sin1, cos2, sin2 = 0.0, 0.0, 0.0, 0.0
     if not GEGLU:
-        cs = (rm // L)[:, None] * cs_stride_b + (rm % L)[:, None] * cs_stride_l + (c1 % HD)[None, :]
-        cos1 = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin1 = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        cos1, sin1, cos2, sin2 = _rope_tables(
+            cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD, BLOCK_N
+        )
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote h) is complete
-    h = tl.load(h_ptr + rm[:, None] * D + rk[None, :], mask=row_ok[:, None], other=0.0)
-    xn = ada_rms_norm(h, mod_ptr, rk, D, eps, scale, shift, MOD_LATE)  # every program normalizes its rows
-    y = _rnd(tl.dot(xn, tl.trans(w), input_precision=DOT_PREC), act)  # the projection's output dtype
-    a, b = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
-    if GEGLU:  # a = gate, b = up
-        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        gelu = _rnd(a / (1.0 + tl.exp(-2.0 * inner)), act)  # 0.5 a (1 + tanh(inner)) = a * sigmoid(2 inner)
-        cols = n0 // 2 + ri
-        tl.store(out_ptr + rm[:, None] * OUT_N + cols[None, :], (gelu * b).to(act), mask=row_ok[:, None])
-    else:  # a = column d, b = column d + hd/2 of one head: x * cos + [-x2, x1] * sin on q and k heads
-        rope = n0 < ROPE_N
-        a, b = tl.where(rope, a * cos1 - b * sin1, a), tl.where(rope, b * cos2 + a * sin2, b)
-        out = out_ptr + rm[:, None] * OUT_N + c1[None, :]
-        tl.store(out, a.to(act), mask=row_ok[:, None])
-        tl.store(out + HD // 2, b.to(act), mask=row_ok[:, None])
+    if SPLIT_K == 1:
+        h = tl.load(h_ptr + rm[:, None] * D + rk[None, :], mask=row_ok[:, None], other=0.0)
+        xn = ada_rms_norm(h, mod_ptr, rk, D, eps, scale, shift, MOD_LATE)  # every program normalizes its rows
+        y = _rnd(tl.dot(xn, tl.trans(w), input_precision=DOT_PREC), act)  # the projection's output dtype
+        _pair_epilogue(y, rm, row_ok, n0, out_ptr, cos1, sin1, cos2, sin2, OUT_N, HD, ROPE_N, GEGLU, BLOCK_M,
+                       BLOCK_N)  # fmt: skip
+    else:
+        rd = tl.arange(0, D)
+        hf = tl.load(h_ptr + rm[:, None] * D + rd[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=1) / D + eps)  # the whole row's mean of squares
+        h = tl.load(h_ptr + rm[:, None] * D + rk[None, :], mask=row_ok[:, None], other=0.0)
+        xn = norm_slice(h, rstd, mod_ptr, rk, D, scale, shift, MOD_LATE)
+        acc = tl.dot(xn, tl.trans(w), input_precision=DOT_PREC)
+        rn = n0 + tl.arange(0, BLOCK_N)
+        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rn, N, SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
+            _pair_epilogue(_rnd(total, act), rm, row_ok, n0, out_ptr, cos1, sin1, cos2, sin2, OUT_N, HD, ROPE_N,
+                           GEGLU, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -234,18 +319,9 @@ def gemm_residual_kernel(
     if SPLIT_K == 1:
         _residual_epilogue(acc, h, gate, hp, row_ok)
     else:
-        part = tl.num_programs(2) * BLOCK_M * N  # one split's partials
-        ws = ws_ptr + rm[:, None] * N + rn[None, :]
-        tl.store(ws + pid_k * part, acc)
-        tl.debug_barrier()  # every thread's partial is written before the (release) arrival
-        tile = pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # last of the tile: sum in split order, so the result is deterministic
-            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(ws + s * part, cache_modifier=".cg")
+        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rn, N, SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
             _residual_epilogue(total, h, gate, hp, row_ok)
-            tl.store(cnt_ptr + tile, 0)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -271,10 +347,13 @@ def launch_norm_gemm(
     mod: torch.Tensor,
     w: torch.Tensor,
     out: torch.Tensor,
+    ws: torch.Tensor,
+    counters: torch.Tensor,
     *,
     horizon: int,
     eps: float,
     bn: int,
+    split: int,
     warps: int,
     mod_late: bool,
     pdl: bool,
@@ -286,16 +365,19 @@ def launch_norm_gemm(
     """out = epilogue(adaRMS(h; mod) @ w.T): RoPE pairs when `cos` is given, else GeGLU pairs.
 
     h [M, D]; mod fp32 [3D] contiguous; w [N, D] interleaved; out [M, N / 2] (GeGLU) or [M, N] (RoPE);
-    cos/sin [B, 1, horizon, head_dim].
+    cos/sin [B, 1, horizon, head_dim]; split > 1: ws fp32 [>= split * grid_m * BLOCK_M * N], counters int32 zeros
+    [>= grid_m * N / bn] (as `launch_gemm_residual`).
     """
     m, d = h.shape
+    n = w.shape[0]
     bm = block_m(m, NORM_BLOCK_M)  # batch > 1: more programs along M, each loading the weight tile (L2 hits)
     rope = cos is not None
     cs = cos if rope else h
-    norm_gemm_kernel[(w.shape[0] // bn, triton.cdiv(m, bm))](
-        h, mod, w, out, cs, sin if rope else h, m, horizon, cs.stride(0) if rope else 0, cs.stride(2) if rope else 0,
-        eps, D=d, OUT_N=out.shape[1], HD=head_dim if rope else 2, ROPE_N=rope_cols, GEGLU=not rope, BLOCK_M=bm,
-        BLOCK_N=bn, DOT_PREC=dot_precision(w.dtype), MOD_LATE=mod_late, num_warps=warps, **pdl_options(pdl),
+    norm_gemm_kernel[(n // bn, split, triton.cdiv(m, bm))](
+        h, mod, w, out, ws, counters, cs, sin if rope else h, m, horizon, cs.stride(0) if rope else 0,
+        cs.stride(2) if rope else 0, eps, D=d, N=n, OUT_N=out.shape[1], HD=head_dim if rope else 2,
+        ROPE_N=rope_cols, GEGLU=not rope, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=dot_precision(w.dtype),
+        MOD_LATE=mod_late, num_warps=warps, **pdl_options(pdl),
     )  # fmt: skip
 
 
