@@ -19,6 +19,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -199,6 +200,33 @@ def run_config(
         calls_per_s=1e3 * inputs[0].shape[0] / res["wall_ms"]["p50"],
     )
     return res
+
+
+def capture_graph(fn: Callable[[], Any], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm `fn` up on a side stream (compiles kernels), then capture it as one CUDA graph -> (graph, its output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int, warmup: int = 10) -> list[float]:
+    """CUDA-event ms of `replays` back-to-back replays of `graph` (after `warmup` untimed ones)."""
+    for _ in range(warmup):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def profile_kernels(

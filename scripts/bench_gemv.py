@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pi05eval.bench import environment
+from pi05eval.bench import capture_graph, environment, graph_replay_ms
 from pi05eval.kernels import launch_gemm_residual, launch_norm_gemm
 from pi05eval.kernels.expert_triton import pdl_options
 from pi05eval.kernels.stream_triton import launch_gemm_residual_stream, launch_norm_gemm_stream
@@ -114,24 +114,8 @@ def valid(shape: tuple[int, int], c: dict[str, Any]) -> bool:
 
 def time_graph(fn: Callable[[], None], replays: int = 100) -> float:
     """Median ms of one replay of `fn` captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(10):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for s, e in events:
-        s.record()
-        graph.replay()
-        e.record()
-    torch.cuda.synchronize()
-    return float(torch.tensor([s.elapsed_time(e) for s, e in events]).median())
+    graph, _ = capture_graph(fn)
+    return float(torch.tensor(graph_replay_ms(graph, replays)).median())
 
 
 class Buffers:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pi05eval.bench import environment, random_model
+from pi05eval.bench import capture_graph, environment, graph_replay_ms, random_model
 from pi05eval.engines.fast import FastPi05
 from pi05eval.engines.triton_denoise import TritonDenoise
 from pi05eval.kernels import ExpertKernelConfig
@@ -95,32 +95,6 @@ def summary(ms: list[float]) -> dict[str, float]:
     t = torch.tensor(ms)
     q = torch.quantile(t, torch.tensor([0.5, 0.9, 0.99])).tolist()
     return {"p50": q[0], "p90": q[1], "p99": q[2], "mean": t.mean().item(), "min": t.min().item(), "n": len(ms)}
-
-
-def capture(fn: Callable[[], Any], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Warm up on a side stream (compiles), then capture `fn` as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-def time_graph(graph: torch.cuda.CUDAGraph, replays: int, warmup: int = 10) -> list[float]:
-    for _ in range(warmup):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in events]
 
 
 def fake_prefix(cfg, batch: int, prefix_len: int, dtype: torch.dtype, seed: int = 0):
@@ -207,9 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     @section("timing_triton", res)
     def _time_triton() -> dict[str, float]:
-        graph, out = capture(denoise_with(td.update))
+        graph, out = capture_graph(denoise_with(td.update))
         graphs["triton"] = (graph, out)
-        stats = summary(time_graph(graph, args.replays))
+        stats = summary(graph_replay_ms(graph, args.replays))
         eager = denoise_with(td.update)()
         stats["graph_vs_eager_max_abs"] = (out - eager).abs().max().item()  # kernels are deterministic: 0
         rows.append(("triton", stats))
@@ -218,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     @section("timing_triton_no_pdl", res)
     def _time_triton_no_pdl() -> dict[str, float]:
         plain = td.with_config(dataclasses.replace(td.config, pdl=False))
-        graph, out = capture(denoise_with(plain.update))
-        stats = summary(time_graph(graph, args.replays))
+        graph, out = capture_graph(denoise_with(plain.update))
+        stats = summary(graph_replay_ms(graph, args.replays))
         if "triton" in graphs:
             stats["vs_pdl_max_abs"] = (out - graphs["triton"][1]).abs().max().item()
         rows.append(("triton, no PDL", stats))
@@ -232,10 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = {}
         for pdl in (False, True):
             opts = {"launch_pdl": True} if pdl else {}
-            graph, _ = capture(
+            graph, _ = capture_graph(
                 lambda pdl=pdl, opts=opts: [_empty_kernel[(132,)](buf, USE_PDL=pdl, **opts) for _ in range(90)]
             )
-            ms = time_graph(graph, 50)
+            ms = graph_replay_ms(graph, 50)
             out[f"us_per_launch_pdl_{pdl}"] = 1e3 * sorted(ms)[len(ms) // 2] / 90
         print("launch floor:", json.dumps(out), flush=True)
         return out
@@ -245,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         @section("timing_compile", res)
         def _time_compile() -> dict[str, float]:
             compiled = torch.compile(fast.update, mode="default", fullgraph=True, dynamic=False)
-            graph, out = capture(denoise_with(compiled))
-            stats = summary(time_graph(graph, args.replays))
+            graph, out = capture_graph(denoise_with(compiled))
+            stats = summary(graph_replay_ms(graph, args.replays))
             if "triton" in graphs:
                 stats["vs_triton_max_abs"] = (out - graphs["triton"][1]).abs().max().item()
             rows.append(("compile (inductor)", stats))
@@ -278,8 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         deadline = time.perf_counter() + args.sweep_s
 
         def time_config(conf: dict[str, Any]) -> float:
-            graph, _ = capture(denoise_with(td.with_config(ExpertKernelConfig(**conf)).update))
-            ms = time_graph(graph, 30, warmup=3)
+            graph, _ = capture_graph(denoise_with(td.with_config(ExpertKernelConfig(**conf)).update))
+            ms = graph_replay_ms(graph, 30, warmup=3)
             return sorted(ms)[len(ms) // 2]
 
         cur = time_config(best)
@@ -301,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"start_ms": start, "best_ms": cur, "best_config": best, "tried": tried}
         print(f"[sweep] {start:.3f} -> {cur:.3f} ms; best: ExpertKernelConfig(**{json.dumps(best)})", flush=True)
         tuned = td.with_config(ExpertKernelConfig(**best))
-        graph, y = capture(denoise_with(tuned.update))
-        stats = summary(time_graph(graph, args.replays))
+        graph, y = capture_graph(denoise_with(tuned.update))
+        stats = summary(graph_replay_ms(graph, args.replays))
         if "triton" in graphs:
             stats["vs_default_max_abs"] = (y - graphs["triton"][1]).abs().max().item()
         rows.append(("triton tuned", stats))
@@ -310,10 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cos, sin = rope_tables()
         per_kernel = {}
         for kernel in ("qkv", "attn", "o", "gu", "down"):  # µs per launch, its 18 launches alone in a graph
-            graph, _ = capture(
+            graph, _ = capture_graph(
                 lambda k=kernel: tuned.run_layers(noise, fast.mods[0], cos, sin, ks, vs, key_mask, frozenset({k}))
             )
-            ms = time_graph(graph, 20, warmup=3)
+            ms = graph_replay_ms(graph, 20, warmup=3)
             per_kernel[kernel] = 1e3 * sorted(ms)[len(ms) // 2] / cfg.depth
         print("[sweep] tuned, us per launch alone:", json.dumps(per_kernel), flush=True)
         out["per_kernel_alone_us"] = per_kernel

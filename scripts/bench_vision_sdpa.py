@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pi05eval.bench import environment, random_model
+from pi05eval.bench import capture_graph, environment, graph_replay_ms, random_model
 from pi05eval.engines.fast import FastPi05
 
 BACKENDS = {
@@ -29,24 +29,9 @@ BACKENDS = {
 
 
 def median_graph_ms(fn: Callable[[], torch.Tensor], replays: int = 100) -> tuple[float, torch.Tensor]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2], out
+    graph, out = capture_graph(fn, warmup=3)
+    times = sorted(graph_replay_ms(graph, replays))
+    return times[len(times) // 2], out
 
 
 def main() -> None:

@@ -137,6 +137,21 @@ class TritonDenoise:
             raise ValueError(f"action_dim {cfg.action_dim} is not a multiple of 16")
         dev = self.device
         self.pdl = out.pdl and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+        # the GEMM launchers of this config and their design-specific arguments per kernel
+        if out.stream:
+            self._gemm_launchers = (launch_norm_gemm_stream, launch_gemm_residual_stream)
+            self._gemm_tiles = {
+                k: {"bk": getattr(out, f"{k}_bk"), "stages": out.stages, "swap": out.swap}
+                for k in ("qkv", "o", "gu", "down")
+            }
+        else:
+            self._gemm_launchers = (launch_norm_gemm, launch_gemm_residual)
+            self._gemm_tiles = {
+                "qkv": {"mod_late": out.mod_late},
+                "gu": {"mod_late": out.mod_late},
+                "o": {},
+                "down": {},
+            }
         return out
 
     def with_config(self, config: ExpertKernelConfig) -> TritonDenoise:
@@ -214,19 +229,8 @@ class TritonDenoise:
         sc = self._buffers(b, ks.shape[3])
         prefix_len = ks.shape[3] - (horizon if self.fast.s.static_kv else 0)
         d, hd, heads, kv = cfg.expert_width, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        pdl = self.pdl
-        if c.stream:
-            norm_gemm, gemm_residual = launch_norm_gemm_stream, launch_gemm_residual_stream
-
-            def tiles(kernel: str, norm: bool = True) -> dict[str, int | bool]:
-                return {"bk": getattr(c, f"{kernel}_bk"), "stages": c.stages, "swap": c.swap}
-
-        else:
-            norm_gemm, gemm_residual = launch_norm_gemm, launch_gemm_residual
-
-            def tiles(kernel: str, norm: bool = True) -> dict[str, int | bool]:
-                return {"mod_late": c.mod_late} if norm else {}
-
+        pdl, tiles = self.pdl, self._gemm_tiles
+        norm_gemm, gemm_residual = self._gemm_launchers
         launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
         for i in range(cfg.depth):
             mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
@@ -234,7 +238,7 @@ class TritonDenoise:
                 norm_gemm(
                     sc.h, mod_attn, self.wqkv[i], sc.qkv, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
                     bn=c.qkv_bn, split=c.qkv_split, warps=c.qkv_warps, pdl=pdl, cos=cos, sin=sin, head_dim=hd,
-                    rope_cols=(heads + kv) * hd, **tiles("qkv"),
+                    rope_cols=(heads + kv) * hd, **tiles["qkv"],
                 )  # fmt: skip
             if "attn" in kernels:
                 launch_attention(
@@ -245,16 +249,16 @@ class TritonDenoise:
             if "o" in kernels:
                 gemm_residual(
                     sc.att, self.wo[i], sc.h, mod_attn[2 * d :], sc.ws, sc.counters, bn=c.o_bn, split=c.o_split,
-                    warps=c.o_warps, pdl=pdl, **tiles("o", norm=False),
+                    warps=c.o_warps, pdl=pdl, **tiles["o"],
                 )  # fmt: skip
             if "gu" in kernels:
                 norm_gemm(
                     sc.h, mod_mlp, self.wgu[i], sc.act, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
-                    bn=c.gu_bn, split=c.gu_split, warps=c.gu_warps, pdl=pdl, **tiles("gu"),
+                    bn=c.gu_bn, split=c.gu_split, warps=c.gu_warps, pdl=pdl, **tiles["gu"],
                 )  # fmt: skip
             if "down" in kernels:
                 gemm_residual(
                     sc.act, self.wd[i], sc.h, mod_mlp[2 * d :], sc.ws, sc.counters, bn=c.down_bn,
-                    split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles("down", norm=False),
+                    split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles["down"],
                 )  # fmt: skip
         return sc.h
