@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD python scripts/bench_gemv.py --out gemv.json [--budget-s 240]   # bare streaming loop
     PYTHONPATH=$PWD python scripts/bench_gemv.py --reg-only --out reg.json         # today's kernels over their tiles
     PYTHONPATH=$PWD python scripts/bench_gemv.py --full --out full.json            # stream_triton's kernels
+    PYTHONPATH=$PWD python scripts/bench_gemv.py --l2 --out l2.json                # L2 residency / L2 prefetch
 
 One expert layer at M = 10 rows has four projections (N x K): qkv 2560 x 1024, o 1024 x 2048, gate|up 8192 x 1024,
 down 1024 x 4096 (~35 MB of bf16 weights, ~8 us at full HBM bandwidth). Each kernel is timed as 18 launches (one per
@@ -18,6 +19,7 @@ so a time per launch includes its share of the launch gaps. Designs:
             descent per shape, then the layer chain (qkv, o, gate|up, down) x 18 against `reg`;
 * `--full`  `pi05eval.kernels.stream_triton`'s kernels (the streaming loop with the real epilogues), coordinate
             descent per shape, the layer chain against `reg`, and the best tiles as ExpertKernelConfig fields.
+* `--l2`    `reg` with its weights L2-resident, and with bulk L2 prefetch of later weights (`l2_study`).
 """
 
 from __future__ import annotations
@@ -137,15 +139,16 @@ class Buffers:
         self.counters = torch.zeros(8192, device=dev, dtype=torch.int32)
 
 
-def reg_launchers(b: Buffers, tiles: dict[str, dict[str, int]] | None = None) -> dict[str, Callable[[int], None]]:
-    """Today's four kernels of layer i; `tiles` per kernel: bn, split, warps (default: ExpertKernelConfig's)."""
+def reg_launchers(b: Buffers, tiles: dict[str, dict[str, int]] | None = None) -> dict[str, Callable[..., None]]:
+    """Today's four kernels of layer i (keyword arguments go to the launcher, e.g. prefetch); `tiles` per kernel:
+    bn, split, warps (default: ExpertKernelConfig's)."""
     t = {"qkv": {"bn": 64, "split": 1, "warps": 8}, "o": {"bn": 64, "split": 4, "warps": 4},
          "gu": {"bn": 64, "split": 1, "warps": 8}, "down": {"bn": 64, "split": 4, "warps": 8}}  # fmt: skip
     t.update(tiles or {})
     common = {"eps": 1e-6, "mod_late": False, "pdl": True, "horizon": ROWS}
     gate = b.mod[2048:]
     return {
-        "qkv": lambda i: launch_norm_gemm(
+        "qkv": lambda i, **kw: launch_norm_gemm(
             b.h,
             b.mod,
             b.w["qkv"][i],
@@ -158,11 +161,16 @@ def reg_launchers(b: Buffers, tiles: dict[str, dict[str, int]] | None = None) ->
             rope_cols=2304,
             **t["qkv"],
             **common,
+            **kw,
         ),
-        "o": lambda i: launch_gemm_residual(b.x["o"], b.w["o"][i], b.h, gate, b.ws, b.counters, pdl=True, **t["o"]),
-        "gu": lambda i: launch_norm_gemm(b.h, b.mod, b.w["gu"][i], b.gu_out, b.ws, b.counters, **t["gu"], **common),
-        "down": lambda i: launch_gemm_residual(
-            b.x["down"], b.w["down"][i], b.h, gate, b.ws, b.counters, pdl=True, **t["down"]
+        "o": lambda i, **kw: launch_gemm_residual(
+            b.x["o"], b.w["o"][i], b.h, gate, b.ws, b.counters, pdl=True, **t["o"], **kw
+        ),
+        "gu": lambda i, **kw: launch_norm_gemm(
+            b.h, b.mod, b.w["gu"][i], b.gu_out, b.ws, b.counters, **t["gu"], **common, **kw
+        ),
+        "down": lambda i, **kw: launch_gemm_residual(
+            b.x["down"], b.w["down"][i], b.h, gate, b.ws, b.counters, pdl=True, **t["down"], **kw
         ),
     }
 
@@ -196,6 +204,38 @@ def reg_grid(b: Buffers) -> dict[str, list[dict[str, Any]]]:
 
 def per_launch_us(launch: Callable[[int], None]) -> float:
     return 1e3 * time_graph(lambda: [launch(i) for i in range(DEPTH)]) / DEPTH
+
+
+def l2_study(b: Buffers) -> dict[str, Any]:
+    """What L2 residency and bulk L2 prefetch (`pi05eval.kernels.prefetch`) change, us per launch of today's kernels:
+    weights from HBM (18 distinct layers); one layer's weight 18 times (L2-resident after the first); each launch
+    prefetching the next launch's weight, issued at the start / after the wait / at the end (prefetch_at 0 / 1 / 2);
+    then the four-GEMM layer chain with each kernel prefetching the weight `ahead` GEMMs later, us per layer."""
+    reg = reg_launchers(b)
+    out: dict[str, Any] = {}
+    for name, launch in reg.items():
+        w = b.w[name]
+        r = {"hbm": per_launch_us(launch), "l2_same_weight": per_launch_us(lambda i, f=launch: f(0))}
+        for at in (0, 1, 2):
+            r[f"prefetch_next_at{at}"] = per_launch_us(
+                lambda i, f=launch, w=w, at=at: f(i, prefetch=w[(i + 1) % DEPTH], prefetch_at=at)
+            )
+        out[name] = r
+        print(f"l2 {name}:", json.dumps({k: round(v, 2) for k, v in r.items()}), flush=True)
+    seq = [(n, i) for i in range(DEPTH) for n in reg]
+    chain = {"none": 1e3 * time_graph(lambda: [reg[n](i) for n, i in seq]) / DEPTH}
+    for ahead in (1, 2, 3):
+        for at in (0, 1, 2):
+
+            def run(ahead: int = ahead, at: int = at) -> None:
+                for j, (n, i) in enumerate(seq):
+                    n2, i2 = seq[(j + ahead) % len(seq)]
+                    reg[n](i, prefetch=b.w[n2][i2], prefetch_at=at)
+
+            chain[f"ahead{ahead}_at{at}"] = 1e3 * time_graph(run) / DEPTH
+    print("l2 layer chain, us per layer:", json.dumps({k: round(v, 2) for k, v in chain.items()}), flush=True)
+    out["chain_us_per_layer"] = chain
+    return out
 
 
 SPACE = {
@@ -285,6 +325,7 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--full", action="store_true", help="stream_triton's kernels with their epilogues, per shape")
     p.add_argument("--reg-only", action="store_true", help="today's kernels over their tiles only")
+    p.add_argument("--l2", action="store_true", help="L2 residency and L2 prefetch with today's kernels only")
     p.add_argument("--budget-s", type=float, default=240.0, help="time for the whole descent")
     args = p.parse_args()
     res: dict[str, Any] = {"env": environment()}
@@ -304,6 +345,9 @@ def main() -> None:
     reg = reg_launchers(b)
     res["reg_us"] = {name: per_launch_us(fn) for name, fn in reg.items()}
     print("reg (today's kernels, us per launch):", json.dumps(res["reg_us"]), flush=True)
+    if args.l2:
+        res["l2"] = l2_study(b)
+        return dump(res, args.out)
     if args.full:
         full = full_stream_launchers(b)
         t0 = time.perf_counter()

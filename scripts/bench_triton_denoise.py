@@ -39,6 +39,9 @@ from pi05eval.kernels import ExpertKernelConfig
 log = logging.getLogger("bench_triton_denoise")
 
 SWEEP: dict[str, list] = {  # field -> candidates (coordinate descent on the whole denoise, in this order)
+    "prefetch": [0, 1, 2, 3],
+    "att_prefetch": [0, 1, 2, 3],
+    "prefetch_at": [0, 1, 2],
     "gu_split": [1, 2, 4, 8],
     "gu_bn": [16, 32, 64, 128],
     "gu_warps": [4, 8],
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--sweep-s", type=float, default=150.0, help="stop sweeping after this many seconds")
     p.add_argument("--sweep-passes", type=int, default=2, help="passes over the fields (until --sweep-s)")
+    p.add_argument("--sweep-fields", default="", help="comma-separated SWEEP fields to sweep (default: all)")
     p.add_argument("--config", default="{}", help="JSON ExpertKernelConfig overrides for the main runs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -258,7 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         cur = time_config(best)
         start = cur
-        for name, values in [item for _ in range(args.sweep_passes) for item in SWEEP.items()]:
+        fields = [f for f in args.sweep_fields.split(",") if f] or list(SWEEP)
+        unknown = sorted(set(fields) - set(SWEEP))
+        if unknown:
+            raise ValueError(f"unknown --sweep-fields {unknown}; choose from {sorted(SWEEP)}")
+        for name, values in [(f, SWEEP[f]) for _ in range(args.sweep_passes) for f in fields]:
             for v in values:
                 if v == best[name] or time.perf_counter() > deadline:
                     continue

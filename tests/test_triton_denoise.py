@@ -90,8 +90,9 @@ def _inputs(model, batch: int, prefix_len: int, static_kv: bool, seed: int):
         ),
         (1, 16, False, {"stream": True, "qkv_split": 2, "gu_bk": 16, "o_split": 2, "down_bk": 32, "swap": False}),
         (2, 32, True, {"stream": True, "gu_split": 2, "qkv_bk": 32, "down_split": 4, "o_bk": 16, "stages": 2}),
+        (1, 16, False, {"prefetch": 2, "att_prefetch": 2, "prefetch_at": 1, "o_split": 2}),  # CPU: prefetch skipped
     ],
-    ids=["b1", "b2_hd32_static_kv", "stream_b1", "stream_b2"],
+    ids=["b1", "b2_hd32_static_kv", "stream_b1", "stream_b2", "l2_prefetch"],
 )
 def test_update_matches_fast_path(request, batch, head_dim, static_kv, kernel_cfg) -> None:
     if not IN_PROCESS:
@@ -123,3 +124,24 @@ def test_refuses_what_it_was_not_built_for(flag) -> None:
     x, cos, sin, ks, vs, key_mask = (t.cpu() for t in _inputs(model, 2, 20, False, seed=0))
     with pytest.raises(ValueError, match="shared by the batch"):
         TritonDenoise(fast).update(x, fast.mods[0].repeat(1, 2, 1), cos, sin, ks, vs, key_mask)
+
+
+def test_prefetch_chunks_cover_the_weight_in_aligned_pieces() -> None:
+    from pi05eval.kernels.prefetch import prefetch_args
+
+    w = torch.empty(2560, 1024, dtype=torch.bfloat16)
+    for programs, warps in [(40, 8), (64, 4), (3, 1), (2000, 8)]:
+        a = prefetch_args(w, w, programs, warps)
+        threads = programs * warps * 32
+        chunk_bytes = a["pf_chunk"] * a["PF_ELEM"]
+        assert a["PREFETCH"] and a["PF_THREADS"] == warps * 32 and a["pf_numel"] == w.numel()
+        assert chunk_bytes % 16 == 0 and chunk_bytes >= 256
+        assert threads * a["pf_chunk"] >= w.numel()  # every element falls in some thread's chunk
+        assert chunk_bytes < max(256, -(-w.numel() * 2 // threads)) + 16  # the smallest such chunk
+    off = prefetch_args(None, w, 4, 4)
+    assert off["PREFETCH"] is False and off["pf_ptr"] is w
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        prefetch_args(torch.empty(7, dtype=torch.bfloat16), w, 4, 4)
+    model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
+    with pytest.raises(ValueError, match="stream"):
+        TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(stream=True, att_prefetch=1))

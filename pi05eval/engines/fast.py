@@ -248,6 +248,9 @@ class FastPi05:
         if not self.s.trim_prefix:
             return images, image_masks, tokens, token_mask
         keep = image_masks.cpu().any(dim=0).nonzero().flatten().tolist()
+        if keep and keep == list(range(keep[0], keep[-1] + 1)):  # consecutive slots: views, no copies
+            slots = slice(keep[0], keep[-1] + 1)
+            return images[:, slots], image_masks[:, slots], tokens[:, :bucket], token_mask[:, :bucket]
         return images[:, keep], image_masks[:, keep], tokens[:, :bucket], token_mask[:, :bucket]
 
     @torch.no_grad()

@@ -136,7 +136,11 @@ class TritonDenoise:
         if cfg.action_dim % 16:
             raise ValueError(f"action_dim {cfg.action_dim} is not a multiple of 16")
         dev = self.device
-        self.pdl = out.pdl and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+        hopper = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+        self.pdl = out.pdl and hopper
+        if (out.prefetch or out.att_prefetch) and out.stream:
+            raise ValueError("prefetch is not implemented for the stream kernels (stream=True)")
+        self.prefetch_ok = hopper  # bulk L2 prefetch is an sm_90 instruction
         # the GEMM launchers of this config and their design-specific arguments per kernel
         if out.stream:
             self._gemm_launchers = (launch_norm_gemm_stream, launch_gemm_residual_stream)
@@ -203,6 +207,25 @@ class TritonDenoise:
         )  # fmt: skip
         return out
 
+    def _prefetch_schedule(self) -> dict[tuple[str, int], dict[str, torch.Tensor | int]]:
+        """(kernel, layer) -> its launcher's prefetch arguments. In the step's GEMM sequence qkv, o, gu, down of layer
+        0, 1, ... (wrapping to the next step's layer 0), each GEMM kernel fetches the weight `prefetch` GEMMs later
+        and the attention kernel the weight `att_prefetch` GEMMs after it (1: its layer's O); 0: none."""
+        c = self.config
+        gemms = [(k, i) for i in range(self.cfg.depth) for k in ("qkv", "o", "gu", "down")]
+        weights = {"qkv": self.wqkv, "o": self.wo, "gu": self.wgu, "down": self.wd}
+
+        def fetch(j: int) -> dict[str, torch.Tensor | int]:
+            k, i = gemms[j % len(gemms)]
+            return {"prefetch": weights[k][i], "prefetch_at": c.prefetch_at}
+
+        on = self.prefetch_ok
+        out = {key: fetch(j + c.prefetch) if on and c.prefetch else {} for j, key in enumerate(gemms)}
+        for j, (k, i) in enumerate(gemms):
+            if k == "o":
+                out["attn", i] = fetch(j + c.att_prefetch - 1) if on and c.att_prefetch else {}
+        return out
+
     @torch.no_grad()
     def run_layers(
         self,
@@ -231,6 +254,7 @@ class TritonDenoise:
         d, hd, heads, kv = cfg.expert_width, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         pdl, tiles = self.pdl, self._gemm_tiles
         norm_gemm, gemm_residual = self._gemm_launchers
+        pf = self._prefetch_schedule()
         launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
         for i in range(cfg.depth):
             mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
@@ -238,27 +262,27 @@ class TritonDenoise:
                 norm_gemm(
                     sc.h, mod_attn, self.wqkv[i], sc.qkv, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
                     bn=c.qkv_bn, split=c.qkv_split, warps=c.qkv_warps, pdl=pdl, cos=cos, sin=sin, head_dim=hd,
-                    rope_cols=(heads + kv) * hd, **tiles["qkv"],
+                    rope_cols=(heads + kv) * hd, **tiles["qkv"], **pf["qkv", i],
                 )  # fmt: skip
             if "attn" in kernels:
                 launch_attention(
                     sc.qkv, ks[i], vs[i], key_mask, sc.att, sc.attn, prefix_len=prefix_len, horizon=horizon,
                     heads=heads, kv_heads=kv, head_dim=hd, scale=hd**-0.5, bm=c.att_bm, bs=c.att_bs,
-                    dsplit=c.att_dsplit, warps=c.att_warps, pdl=pdl,
+                    dsplit=c.att_dsplit, warps=c.att_warps, pdl=pdl, **pf["attn", i],
                 )  # fmt: skip
             if "o" in kernels:
                 gemm_residual(
                     sc.att, self.wo[i], sc.h, mod_attn[2 * d :], sc.ws, sc.counters, bn=c.o_bn, split=c.o_split,
-                    warps=c.o_warps, pdl=pdl, **tiles["o"],
+                    warps=c.o_warps, pdl=pdl, **tiles["o"], **pf["o", i],
                 )  # fmt: skip
             if "gu" in kernels:
                 norm_gemm(
                     sc.h, mod_mlp, self.wgu[i], sc.act, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
-                    bn=c.gu_bn, split=c.gu_split, warps=c.gu_warps, pdl=pdl, **tiles["gu"],
+                    bn=c.gu_bn, split=c.gu_split, warps=c.gu_warps, pdl=pdl, **tiles["gu"], **pf["gu", i],
                 )  # fmt: skip
             if "down" in kernels:
                 gemm_residual(
                     sc.act, self.wd[i], sc.h, mod_mlp[2 * d :], sc.ws, sc.counters, bn=c.down_bn,
-                    split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles["down"],
+                    split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles["down"], **pf["down", i],
                 )  # fmt: skip
         return sc.h

@@ -21,6 +21,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pi05eval.kernels.expert_triton import dot_precision, pdl_options
+from pi05eval.kernels.prefetch import l2_prefetch, prefetch_args
 
 MASK_VALUE = tl.constexpr(-2.3819763e38)  # pi05eval.model.attention.MASK_VALUE
 
@@ -42,6 +43,9 @@ def attention_kernel(
     c_stride_p,
     mask_stride_b,
     scale,
+    pf_ptr,  # a later kernel's weight, prefetched into L2 (PREFETCH)
+    pf_numel,
+    pf_chunk,
     L: tl.constexpr,
     H: tl.constexpr,
     KV: tl.constexpr,
@@ -53,10 +57,16 @@ def attention_kernel(
     BLOCK_S: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for 16-bit ones
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PF_ELEM: tl.constexpr,
+    PF_THREADS: tl.constexpr,
+    PF_AT: tl.constexpr,  # issue the prefetch at the start (0), after the wait (1) or at the end (2)
 ):
     act = qkv_ptr.dtype.element_ty
     if USE_PDL:
         gdc_launch_dependents()
+    if PREFETCH and PF_AT == 0:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
     G: tl.constexpr = H // KV
     DS: tl.constexpr = HD // DSPLIT
     pid_s = tl.program_id(0)  # key block
@@ -84,6 +94,8 @@ def attention_kernel(
     allowed = tl.load(mask_ptr + b * mask_stride_b + j, mask=j < s_len, other=0) != 0
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote qkv) is complete
+    if PREFETCH and PF_AT == 1:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
     q = tl.load(qkv_ptr + qrow[:, None] * QKV_N + hq[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
     arow = (b * L + j - P)[:, None] * QKV_N + kvh * HD
     ka = tl.load(qkv_ptr + arow + H * HD + d[None, :], mask=in_a[:, None], other=0.0)
@@ -128,6 +140,8 @@ def attention_kernel(
         optr = out_ptr + qrow[:, None] * (H * HD) + hq[:, None] * HD + dv[None, :]
         tl.store(optr, o.to(act), mask=r_ok[:, None])
         tl.store(cnt_ptr + tile, 0)
+    if PREFETCH and PF_AT == 2:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
 
 
 class AttentionScratch:
@@ -167,10 +181,13 @@ def launch_attention(
     dsplit: int,
     warps: int,
     pdl: bool,
+    prefetch: torch.Tensor | None = None,
+    prefetch_at: int = 0,
 ) -> None:
     """out [B*L, H*hd] = attention of q (in qkv [B*L, (H + 2 KV) hd]) over [k_cache[:, :, :P] | k] with key_mask.
 
-    k_cache/v_cache [B, KV, >= P, hd] (one layer's prefix cache); key_mask uint8 or bool [B, 1, P + L].
+    k_cache/v_cache [B, KV, >= P, hd] (one layer's prefix cache); key_mask uint8 or bool [B, 1, P + L];
+    prefetch: a tensor to pull into L2 (a later kernel's weight).
     """
     batch = k_cache.shape[0]
     mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
@@ -178,6 +195,7 @@ def launch_attention(
     attention_kernel[grid](
         qkv, k_cache, v_cache, mask, out, scratch.pm, scratch.pl, scratch.pacc, scratch.counters,
         prefix_len, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask.stride(0), scale,
+        **prefetch_args(prefetch, qkv, grid[0] * grid[1] * grid[2], warps, prefetch_at),
         L=horizon, H=heads, KV=kv_heads, HD=head_dim, QKV_N=qkv.shape[1], NS=scratch.n_blocks, DSPLIT=dsplit,
         BLOCK_M=bm, BLOCK_S=bs, DOT_PREC=dot_precision(qkv.dtype), num_warps=warps, **pdl_options(pdl),
     )  # fmt: skip

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from pi05eval.kernels.prefetch import l2_prefetch, prefetch_args
+
 
 @dataclass(frozen=True)
 class ExpertKernelConfig:
@@ -42,7 +44,10 @@ class ExpertKernelConfig:
     attention program (key blocks, combined by the last program); att_bm: query rows per program; att_dsplit:
     programs sharing a row block and key block, each producing hd / att_dsplit output columns. mod_late: load the
     adaRMS scale / shift after the wait (fewer live registers) instead of with the weights. pdl: programmatic
-    dependent launch (Hopper+).
+    dependent launch (Hopper+). prefetch: every GEMM kernel pulls into L2 the weight of the GEMM `prefetch` GEMMs
+    later (0: off; Hopper+, not with stream); att_prefetch: the attention kernel pulls in the weight of the GEMM
+    `att_prefetch` GEMMs after it (1: O, 2: gate|up); prefetch_at: where in the kernel (0 start, 1 after the wait,
+    2 end).
     Defaults: the best of a coordinate-descent sweep on an H200 (scripts/bench_triton_denoise.py).
     """
 
@@ -72,6 +77,9 @@ class ExpertKernelConfig:
     down_bk: int = 256
     stages: int = 3
     swap: bool = True
+    prefetch: int = 0
+    att_prefetch: int = 0
+    prefetch_at: int = 0
 
 
 def _pow2_at_most(value: int, limit: int) -> int:
@@ -219,6 +227,9 @@ def norm_gemm_kernel(
     cs_stride_b,
     cs_stride_l,
     eps,
+    pf_ptr,  # a later kernel's weight, prefetched into L2 (PREFETCH)
+    pf_numel,
+    pf_chunk,
     D: tl.constexpr,
     N: tl.constexpr,
     OUT_N: tl.constexpr,
@@ -231,10 +242,16 @@ def norm_gemm_kernel(
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for 16-bit ones
     MOD_LATE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PF_ELEM: tl.constexpr,
+    PF_THREADS: tl.constexpr,
+    PF_AT: tl.constexpr,  # issue the prefetch at the start (0), after the wait (1) or at the end (2)
 ):
     act = w_ptr.dtype.element_ty
     if USE_PDL:
         gdc_launch_dependents()
+    if PREFETCH and PF_AT == 0:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
     n0 = tl.program_id(0) * BLOCK_N
     pid_k = tl.program_id(1)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -254,6 +271,8 @@ def norm_gemm_kernel(
         )
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote h) is complete
+    if PREFETCH and PF_AT == 1:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
     if SPLIT_K == 1:
         h = tl.load(h_ptr + rm[:, None] * D + rk[None, :], mask=row_ok[:, None], other=0.0)
         xn = ada_rms_norm(h, mod_ptr, rk, D, eps, scale, shift, MOD_LATE)  # every program normalizes its rows
@@ -272,6 +291,8 @@ def norm_gemm_kernel(
         if last:
             _pair_epilogue(_rnd(total, act), rm, row_ok, n0, out_ptr, cos1, sin1, cos2, sin2, OUT_N, HD, ROPE_N,
                            GEGLU, BLOCK_M, BLOCK_N)  # fmt: skip
+    if PREFETCH and PF_AT == 2:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
 
 
 @triton.jit
@@ -290,6 +311,9 @@ def gemm_residual_kernel(
     ws_ptr,  # fp32 [SPLIT_K, grid_m * BLOCK_M, N] partial sums (SPLIT_K > 1)
     cnt_ptr,  # int32 [grid_m * grid_n] arrival counters, zero between launches
     M,
+    pf_ptr,  # a later kernel's weight, prefetched into L2 (PREFETCH)
+    pf_numel,
+    pf_chunk,
     K: tl.constexpr,
     N: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -297,10 +321,16 @@ def gemm_residual_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PF_ELEM: tl.constexpr,
+    PF_THREADS: tl.constexpr,
+    PF_AT: tl.constexpr,  # issue the prefetch at the start (0), after the wait (1) or at the end (2)
 ):
     act = w_ptr.dtype.element_ty
     if USE_PDL:
         gdc_launch_dependents()
+    if PREFETCH and PF_AT == 0:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -312,6 +342,8 @@ def gemm_residual_kernel(
     gate = _rnd(tl.load(gate_ptr + rn), act)[None, :]
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote a) is complete
+    if PREFETCH and PF_AT == 1:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
     a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=row_ok[:, None], other=0.0)
     hp = h_ptr + rm[:, None] * N + rn[None, :]
     h = tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32)  # only the tile's last program writes h
@@ -322,6 +354,8 @@ def gemm_residual_kernel(
         last, total = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rn, N, SPLIT_K, BLOCK_M, BLOCK_N)
         if last:
             _residual_epilogue(total, h, gate, hp, row_ok)
+    if PREFETCH and PF_AT == 2:
+        l2_prefetch(pf_ptr, pf_numel, pf_chunk, PF_ELEM, PF_THREADS)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -361,21 +395,25 @@ def launch_norm_gemm(
     sin: torch.Tensor | None = None,
     head_dim: int = 0,
     rope_cols: int = 0,
+    prefetch: torch.Tensor | None = None,
+    prefetch_at: int = 0,
 ) -> None:
     """out = epilogue(adaRMS(h; mod) @ w.T): RoPE pairs when `cos` is given, else GeGLU pairs.
 
     h [M, D]; mod fp32 [3D] contiguous; w [N, D] interleaved; out [M, N / 2] (GeGLU) or [M, N] (RoPE);
     cos/sin [B, 1, horizon, head_dim]; split > 1: ws fp32 [>= split * grid_m * BLOCK_M * N], counters int32 zeros
-    [>= grid_m * N / bn] (as `launch_gemm_residual`).
+    [>= grid_m * N / bn] (as `launch_gemm_residual`); prefetch: a tensor to pull into L2 (a later kernel's weight).
     """
     m, d = h.shape
     n = w.shape[0]
     bm = block_m(m, NORM_BLOCK_M)  # batch > 1: more programs along M, each loading the weight tile (L2 hits)
     rope = cos is not None
     cs = cos if rope else h
-    norm_gemm_kernel[(n // bn, split, triton.cdiv(m, bm))](
+    grid = (n // bn, split, triton.cdiv(m, bm))
+    norm_gemm_kernel[grid](
         h, mod, w, out, ws, counters, cs, sin if rope else h, m, horizon, cs.stride(0) if rope else 0,
-        cs.stride(2) if rope else 0, eps, D=d, N=n, OUT_N=out.shape[1], HD=head_dim if rope else 2,
+        cs.stride(2) if rope else 0, eps, **prefetch_args(prefetch, w, grid[0] * grid[1] * grid[2], warps, prefetch_at),
+        D=d, N=n, OUT_N=out.shape[1], HD=head_dim if rope else 2,
         ROPE_N=rope_cols, GEGLU=not rope, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=dot_precision(w.dtype),
         MOD_LATE=mod_late, num_warps=warps, **pdl_options(pdl),
     )  # fmt: skip
@@ -393,13 +431,18 @@ def launch_gemm_residual(
     split: int,
     warps: int,
     pdl: bool,
+    prefetch: torch.Tensor | None = None,
+    prefetch_at: int = 0,
 ) -> None:
     """h += round(round(a @ w.T) * round(gate)). a [M, K], w [N, K], h [M, N], gate fp32 [N];
-    ws fp32 [>= split * grid_m * BLOCK_M * N]; counters int32 zeros [>= grid_m * N / bn]."""
+    ws fp32 [>= split * grid_m * BLOCK_M * N]; counters int32 zeros [>= grid_m * N / bn]; prefetch: as
+    `launch_norm_gemm`."""
     m, k = a.shape
     n = w.shape[0]
     bm = block_m(m)
-    gemm_residual_kernel[(n // bn, split, triton.cdiv(m, bm))](
-        a, w, h, gate, ws, counters, m, K=k, N=n, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
+    grid = (n // bn, split, triton.cdiv(m, bm))
+    gemm_residual_kernel[grid](
+        a, w, h, gate, ws, counters, m, **prefetch_args(prefetch, w, grid[0] * grid[1] * grid[2], warps, prefetch_at),
+        K=k, N=n, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
         DOT_PREC=dot_precision(w.dtype), num_warps=warps, **pdl_options(pdl),
     )  # fmt: skip

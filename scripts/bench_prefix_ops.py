@@ -1,0 +1,112 @@
+"""Micro-benchmarks of the vision and prefill stages' operations on the GPU (what the compile engine's graphs call).
+
+    PYTHONPATH=$PWD python scripts/bench_prefix_ops.py --out prefix_ops.json
+
+1. GEMMs: every projection shape of SigLIP (M = 512 rows: 2 images x 256 patches, with bias) and of the Gemma prefix
+   (M = 544 rows: 512 image + 32 prompt tokens), each as its layers' launches with distinct weights in one CUDA graph,
+   under cuBLAS and cuBLASLt (`torch.backends.cuda.preferred_blas_library`): us per launch and TFLOP/s;
+2. SigLIP's MLP hidden size 4304 padded with zeros to 4352 (a multiple of 128) for fc1 and fc2;
+3. prefix attention (8 query heads, 1 K/V head, head_dim 256, 544 keys of which the last 12 are padding), 17 layers
+   in a graph: the engine's eager-math attention compiled by inductor vs flash attention through
+   `torch.nn.attention.varlen.varlen_attn` with the valid length as cu_seq_k (K/V heads repeated where the
+   installed version has no GQA), and the max |difference| on the valid rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pi05eval.bench import capture_graph, environment, graph_replay_ms
+from pi05eval.model.attention import attention
+
+DEV, DT = "cuda", torch.bfloat16
+SHAPES = {  # name: (M, K, N, bias, launches)
+    "vision_qkv": (512, 1152, 3456, True, 27),
+    "vision_o": (512, 1152, 1152, True, 27),
+    "vision_fc1": (512, 1152, 4304, True, 27),
+    "vision_fc2": (512, 4304, 1152, True, 27),
+    "vision_fc1_pad4352": (512, 1152, 4352, True, 27),
+    "vision_fc2_pad4352": (512, 4352, 1152, True, 27),
+    "prefill_qkv": (544, 2048, 2560, False, 18),
+    "prefill_o": (544, 2048, 2048, False, 17),
+    "prefill_gate_up": (544, 2048, 32768, False, 17),
+    "prefill_down": (544, 16384, 2048, False, 17),
+}
+
+
+def median_us(fn, launches: int) -> float:
+    graph, _ = capture_graph(fn)
+    ms = sorted(graph_replay_ms(graph, 30))
+    return 1e3 * ms[len(ms) // 2] / launches
+
+
+def gemms() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        for name, (m, k, n, bias, launches) in SHAPES.items():
+            x = torch.randn(m, k, device=DEV, dtype=DT)
+            ws = [torch.randn(n, k, device=DEV, dtype=DT) * 0.02 for _ in range(launches)]
+            bs = [torch.randn(n, device=DEV, dtype=DT) if bias else None for _ in range(launches)]
+            us = median_us(lambda x=x, ws=ws, bs=bs: [F.linear(x, w, b) for w, b in zip(ws, bs, strict=True)], launches)
+            out[f"{lib}/{name}"] = {"us": round(us, 2), "tflops": round(2 * m * k * n / us / 1e6, 1)}
+            print(lib, name, out[f"{lib}/{name}"], flush=True)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return out
+
+
+def prefix_attention() -> dict[str, Any]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    p, valid, heads, hd, layers = 544, 532, 8, 256, 17
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = torch.randn(1, heads, p, hd, device=DEV, dtype=DT, generator=g)
+    k = torch.randn(1, 1, p, hd, device=DEV, dtype=DT, generator=g)
+    v = torch.randn(1, 1, p, hd, device=DEV, dtype=DT, generator=g)
+    pad = torch.arange(p, device=DEV)[None] < valid  # [1, P]
+    mask = pad[:, None, :] & pad[:, :, None]
+    ref = attention(q, k, v, mask, hd**-0.5)  # [1, P, H * hd]
+    cu_q = torch.tensor([0, p], dtype=torch.int32, device=DEV)
+    gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+    def flash(q, k, v, pad):
+        qq, kk, vv = (t[0].transpose(0, 1) for t in (q, k, v))  # [P, heads, hd]
+        if not gqa:
+            kk, vv = kk.expand(p, heads, hd).contiguous(), vv.expand(p, heads, hd).contiguous()
+        cu_k = torch.cat([pad.new_zeros(1, dtype=torch.int32), pad.sum(dim=1, dtype=torch.int32)])
+        out = varlen_attn(qq, kk, vv, cu_q, cu_k, p, p, scale=hd**-0.5, **({"enable_gqa": True} if gqa else {}))
+        return out.reshape(1, p, heads * hd)
+
+    math_c = torch.compile(lambda q, k, v, m: attention(q, k, v, m, hd**-0.5), fullgraph=True)
+    flash_c = torch.compile(flash, fullgraph=True)
+    out = {
+        "varlen_has_gqa": gqa,
+        "flash_vs_math_max_abs_valid_rows": float((flash_c(q, k, v, pad) - ref)[:, :valid].abs().max()),
+        "ref_abs_max": float(ref.abs().max()),
+        "math_compiled_us_per_layer": median_us(lambda: [math_c(q, k, v, mask) for _ in range(layers)], layers),
+        "flash_varlen_us_per_layer": median_us(lambda: [flash_c(q, k, v, pad) for _ in range(layers)], layers),
+    }
+    print("prefix attention:", json.dumps(out), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="write the JSON result here")
+    args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    res: dict[str, Any] = {"env": environment(), "gemms": gemms(), "prefix_attention": prefix_attention()}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
