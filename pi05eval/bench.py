@@ -232,20 +232,25 @@ def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int, warmup: int = 10)
 def profile_kernels(
     model, spec: EngineSpec, inputs, steps: int, path: str | None, precision: str = "bf16"
 ) -> dict[str, Any]:
-    """Kernels launched by one call of `spec` run without CUDA graphs (graph replays hide them from the profiler)."""
+    """Kernels launched by one call of `spec` run without CUDA graphs (graph replays hide them from the profiler),
+    then the aten ops that launched GPU work (the extern kernels of compiled code: GEMMs, attention) by input shape."""
     from torch.profiler import ProfilerActivity, profile
 
     spec = EngineSpec(spec.name, spec.shortcuts, {**spec.options, "cuda_graph": False})
     engine = build_engine(spec, model, steps, batch_size=inputs[0].shape[0], precision=precision)
     for _ in range(3):
         engine.sample_actions(*inputs).cpu()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         engine.sample_actions(*inputs).cpu()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=70)
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    ops = sorted((e for e in ops if e.device_time_total), key=lambda e: -e.device_time_total)
+    op_rows = [f"{e.key:40s} {e.count:5d} {e.device_time_total:10.1f}  {e.input_shapes}" for e in ops[:40]]
     if path:
         with open(path, "w") as f:
-            f.write(table)
+            f.write(f"{table}\n\naten ops with GPU work (name, calls, total µs, input shapes):\n")
+            f.write("\n".join(op_rows) + "\n")
     return {"spec": spec.label, "kernels_per_call": len(events), "kernel_ms": sum(e.device_time for e in events) / 1e3}
 
 

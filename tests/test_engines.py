@@ -16,7 +16,8 @@ from pi05eval.engines import EngineSpec, build_engine, parse_engine_spec
 from pi05eval.engines.compile import CompiledEngine, CompileOptions
 from pi05eval.engines.fast import FastPi05, Shortcuts
 
-ALL_OFF = {f: False for f in ("trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "fuse_vision_qkv", "static_kv")}
+SHORTCUTS = ("trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "fuse_vision_qkv", "pad_vision_mlp", "static_kv")
+ALL_OFF = dict.fromkeys(SHORTCUTS, False)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,20 @@ def test_each_exact_shortcut_keeps_fp32_actions(fp32_model, inputs, flags) -> No
     ref = fp32_model.sample_actions(*inputs, num_steps=3)
     out = FastPi05(fp32_model, 3, Shortcuts(**flags)).sample(*inputs)
     assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fuse_vision_qkv", [True, False])
+def test_padded_vision_mlp_keeps_fp32_actions(fuse_vision_qkv) -> None:
+    """An MLP hidden size of 200 is padded to 256 with zeros: same actions as the unpadded fast path and the model."""
+    model = random_model("tiny", torch.device("cpu"), seed=4, overrides={"vision_mlp_dim": 200}).set_precision("fp32")
+    inputs = libero_inputs(model.cfg, batch=1, prompt_len=17, seed=2)
+    fast = FastPi05(model, 2, Shortcuts(fuse_vision_qkv=fuse_vision_qkv))
+    assert fast.vision_mlp is not None and fast.vision_mlp[0][0].shape == (256, model.cfg.vision_width)
+    plain = FastPi05(model, 2, Shortcuts(fuse_vision_qkv=fuse_vision_qkv, pad_vision_mlp=False))
+    assert plain.vision_mlp is None
+    ref = model.sample_actions(*inputs, num_steps=2)
+    for f in (fast, plain):
+        assert (f.sample(*inputs) - ref).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("flags", [{}, {"sdpa_prefix": True}], ids=["matmul", "sdpa_prefix"])

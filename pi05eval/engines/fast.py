@@ -9,6 +9,10 @@ itself stays plain. Each shortcut can be switched off for A/B:
                   schedule fixes: computed once at build time, one table per step;
 * `fuse_qkv`      Q, K and V projections as one GEMM; `fuse_gate_up`: GeGLU gate and up as one GEMM;
                   `fuse_vision_qkv`: SigLIP's Q, K, V (with biases) as one GEMM;
+* `pad_vision_mlp` SigLIP's MLP hidden size zero-padded to a multiple of 128 (4304 -> 4352): zero fc1 rows give
+                  gelu(0) = 0, which zero fc2 columns multiply, so the sum is unchanged; aligned rows let cuBLAS add
+                  fc1's bias in its epilogue (inductor pads a 4304-wide buffer's stride, which forces a separate
+                  bias copy) and give fc2 an aligned K;
 * `static_kv`     one preallocated K/V buffer per layer [prefix | actions]: the prefill writes the prefix part once,
                   each denoise step overwrites the action part (no per-layer concatenation of the cache);
 * `sdpa_prefix`   prefix attention through `F.scaled_dot_product_attention` (fused kernels) instead of matmul-
@@ -43,6 +47,7 @@ class Shortcuts:
     fuse_vision_qkv: bool = True
     static_kv: bool = False  # measured slower on an H200 (17.1 vs 18.6 ms p50): the slice writes cost more than cat
     sdpa_prefix: bool = False  # measured slower on an H200 (prefill 4.9 vs 4.2 ms): off by default
+    pad_vision_mlp: bool = True
 
 
 class _Proj:
@@ -91,6 +96,26 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out.view(b, h, n, hd).transpose(1, 2).reshape(b, n, h * hd)
 
 
+def _padded_mlp(mlp: torch.nn.Module, multiple: int = 128) -> tuple[torch.Tensor, ...] | None:
+    """(fc1 weight [Hp, D], fc1 bias [Hp], fc2 weight [D, Hp], fc2 bias [D]) with the hidden size H zero-padded to Hp,
+    a multiple of `multiple`; None unless fc1 and fc2 are plain nn.Linear with biases and H is not aligned."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    if any(type(f) is not torch.nn.Linear or f.bias is None for f in (fc1, fc2)):
+        return None
+    hidden = fc1.out_features
+    padded = -(-hidden // multiple) * multiple
+    if padded == hidden:
+        return None
+    with torch.no_grad():
+        w1 = fc1.weight.new_zeros(padded, fc1.in_features)
+        w1[:hidden] = fc1.weight
+        b1 = fc1.bias.new_zeros(padded)
+        b1[:hidden] = fc1.bias
+        w2 = fc2.weight.new_zeros(fc2.out_features, padded)
+        w2[:, :hidden] = fc2.weight
+    return w1, b1, w2, fc2.bias.detach()
+
+
 def _heads(y: torch.Tensor, n: int, hd: int) -> torch.Tensor:
     b, length, _ = y.shape
     return y.view(b, length, n, hd).transpose(1, 2)  # [B, n, L, hd]
@@ -114,6 +139,10 @@ class FastPi05:
 
             fused = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) for a in (x.attn for x in model.vision.layers)]
             self.vision_qkv = fused if all(f is not None for f in fused) else None
+        self.vision_mlp = None  # per SigLIP layer, (fc1 w, fc1 b, fc2 w, fc2 b) with a padded hidden size
+        if shortcuts.pad_vision_mlp:
+            padded = [_padded_mlp(layer.mlp) for layer in model.vision.layers]
+            self.vision_mlp = padded if all(p is not None for p in padded) else None
         self.mods: torch.Tensor | None = None  # [steps, 2 * depth + 1, 1, 3 * De] fp32 when fold_time
         if shortcuts.fold_time:
             dev = model.action_in.weight.device
@@ -124,19 +153,29 @@ class FastPi05:
 
     def vision(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, N_kept, 3, 224, 224] -> image tokens [B, N_kept * 256, width] (compute dtype)."""
-        if self.vision_qkv is None:
-            return self.model.embed_images(images)
         m, enc = self.model, self.model.vision
+        if self.vision_qkv is None and self.vision_mlp is None:
+            return m.embed_images(images)
         b, n = images.shape[:2]
         x = enc.patch_embed(images.flatten(0, 1).to(enc.patch_embed.weight.dtype))  # [B*N, D, 16, 16]
         x = (x.flatten(2).transpose(1, 2) + enc.pos_embed).to(enc.compute_dtype)  # [B*N, T, D]
-        for layer, qkv in zip(enc.layers, self.vision_qkv, strict=True):
-            nt, t, d = x.shape
-            heads = layer.attn.heads
-            q, k, v = qkv(layer.norm1(x)).view(nt, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [B*N, h, T, hd]
-            att = F.scaled_dot_product_attention(q, k, v, scale=(d // heads) ** -0.5)
-            x = x + layer.attn.o_proj(att.transpose(1, 2).reshape(nt, t, d))
-            x = x + layer.mlp(layer.norm2(x))
+        for i, layer in enumerate(enc.layers):
+            h = layer.norm1(x)
+            if self.vision_qkv is None:
+                x = x + layer.attn(h)
+            else:
+                nt, t, d = x.shape
+                heads = layer.attn.heads
+                qkv = self.vision_qkv[i](h).view(nt, t, 3, heads, d // heads)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B*N, h, T, hd]
+                att = F.scaled_dot_product_attention(q, k, v, scale=(d // heads) ** -0.5)
+                x = x + layer.attn.o_proj(att.transpose(1, 2).reshape(nt, t, d))
+            h = layer.norm2(x)
+            if self.vision_mlp is None:
+                x = x + layer.mlp(h)
+            else:
+                w1, b1, w2, b2 = self.vision_mlp[i]
+                x = x + F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2)
         tokens = m.projector(enc.norm(x))  # [B*N, T, width]
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
