@@ -16,7 +16,10 @@ from pi05eval.engines import EngineSpec, build_engine, parse_engine_spec
 from pi05eval.engines.compile import CompiledEngine, CompileOptions
 from pi05eval.engines.fast import FastPi05, Shortcuts
 
-SHORTCUTS = ("trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "fuse_vision_qkv", "pad_vision_mlp", "static_kv")
+SHORTCUTS = (
+    "trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "fuse_vision_qkv", "pad_vision_mlp", "gelu_epilogue",
+    "static_kv",
+)  # fmt: skip
 ALL_OFF = dict.fromkeys(SHORTCUTS, False)
 
 
@@ -50,7 +53,7 @@ def test_padded_vision_mlp_keeps_fp32_actions(fuse_vision_qkv) -> None:
     fast = FastPi05(model, 2, Shortcuts(fuse_vision_qkv=fuse_vision_qkv))
     assert fast.vision_mlp is not None and fast.vision_mlp[0][0].shape == (256, model.cfg.vision_width)
     plain = FastPi05(model, 2, Shortcuts(fuse_vision_qkv=fuse_vision_qkv, pad_vision_mlp=False))
-    assert plain.vision_mlp is None
+    assert plain.vision_mlp[0][0].shape == (200, model.cfg.vision_width)  # gelu_epilogue's unpadded weights
     ref = model.sample_actions(*inputs, num_steps=2)
     for f in (fast, plain):
         assert (f.sample(*inputs) - ref).abs().max() <= 1e-5
@@ -136,3 +139,17 @@ def test_graph_engine_host_inputs_back_to_back_match_device_inputs() -> None:
     for out, ref in zip(outs, [refs[0], refs[1], refs[0], refs[1]], strict=True):
         assert (out - ref).abs().max() <= 1e-4
     assert (refs[0] - refs[1]).abs().max() > 1e-2  # the two calls' inputs do differ
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pad", [True, False])
+def test_gelu_epilogue_matches_separate_gelu_on_cuda(pad) -> None:
+    """fc1 + bias + tanh-GELU in cuBLASLt's epilogue: the vision tokens of the separate-GELU path (fp32)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = random_model("tiny", torch.device("cuda"), seed=4, overrides={"vision_mlp_dim": 200}).set_precision("fp32")
+    images = libero_inputs(model.cfg, batch=1, prompt_len=17, seed=2)[0][:, :2].cuda()
+    fused, plain = (FastPi05(model, 2, Shortcuts(pad_vision_mlp=pad, gelu_epilogue=on)) for on in (True, False))
+    ref = model.embed_images(images)
+    for fast in (fused, plain):
+        assert (fast.vision(images) - ref).abs().max() <= 1e-4

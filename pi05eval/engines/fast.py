@@ -13,6 +13,8 @@ itself stays plain. Each shortcut can be switched off for A/B:
                   gelu(0) = 0, which zero fc2 columns multiply, so the sum is unchanged; aligned rows let cuBLAS add
                   fc1's bias in its epilogue (inductor pads a 4304-wide buffer's stride, which forces a separate
                   bias copy) and give fc2 an aligned K;
+* `gelu_epilogue` on CUDA, SigLIP's fc1 + bias + tanh-GELU as one cuBLASLt call (`torch._addmm_activation`): GELU is
+                  applied to the fp32 result in the GEMM's epilogue, one bf16 rounding fewer than a separate GELU;
 * `static_kv`     one preallocated K/V buffer per layer [prefix | actions]: the prefill writes the prefix part once,
                   each denoise step overwrites the action part (no per-layer concatenation of the cache);
 * `sdpa_prefix`   prefix attention through `F.scaled_dot_product_attention` (fused kernels) instead of matmul-
@@ -48,6 +50,7 @@ class Shortcuts:
     static_kv: bool = False  # measured slower on an H200 (17.1 vs 18.6 ms p50): the slice writes cost more than cat
     sdpa_prefix: bool = False  # measured slower on an H200 (prefill 4.9 vs 4.2 ms): off by default
     pad_vision_mlp: bool = True
+    gelu_epilogue: bool = True
 
 
 class _Proj:
@@ -96,17 +99,17 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out.view(b, h, n, hd).transpose(1, 2).reshape(b, n, h * hd)
 
 
-def _padded_mlp(mlp: torch.nn.Module, multiple: int = 128) -> tuple[torch.Tensor, ...] | None:
+def _mlp_weights(mlp: torch.nn.Module, multiple: int) -> tuple[torch.Tensor, ...] | None:
     """(fc1 weight [Hp, D], fc1 bias [Hp], fc2 weight [D, Hp], fc2 bias [D]) with the hidden size H zero-padded to Hp,
-    a multiple of `multiple`; None unless fc1 and fc2 are plain nn.Linear with biases and H is not aligned."""
+    the next multiple of `multiple` (1: as they are); None unless fc1 and fc2 are plain nn.Linear with biases."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     if any(type(f) is not torch.nn.Linear or f.bias is None for f in (fc1, fc2)):
         return None
     hidden = fc1.out_features
     padded = -(-hidden // multiple) * multiple
-    if padded == hidden:
-        return None
     with torch.no_grad():
+        if padded == hidden:
+            return fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(), fc2.bias.detach()
         w1 = fc1.weight.new_zeros(padded, fc1.in_features)
         w1[:hidden] = fc1.weight
         b1 = fc1.bias.new_zeros(padded)
@@ -139,10 +142,10 @@ class FastPi05:
 
             fused = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) for a in (x.attn for x in model.vision.layers)]
             self.vision_qkv = fused if all(f is not None for f in fused) else None
-        self.vision_mlp = None  # per SigLIP layer, (fc1 w, fc1 b, fc2 w, fc2 b) with a padded hidden size
-        if shortcuts.pad_vision_mlp:
-            padded = [_padded_mlp(layer.mlp) for layer in model.vision.layers]
-            self.vision_mlp = padded if all(p is not None for p in padded) else None
+        self.vision_mlp = None  # per SigLIP layer, (fc1 w, fc1 b, fc2 w, fc2 b), the hidden size padded if asked
+        if shortcuts.pad_vision_mlp or shortcuts.gelu_epilogue:
+            weights = [_mlp_weights(layer.mlp, 128 if shortcuts.pad_vision_mlp else 1) for layer in model.vision.layers]
+            self.vision_mlp = weights if all(w is not None for w in weights) else None
         self.mods: torch.Tensor | None = None  # [steps, 2 * depth + 1, 1, 3 * De] fp32 when fold_time
         if shortcuts.fold_time:
             dev = model.action_in.weight.device
@@ -171,13 +174,18 @@ class FastPi05:
                 att = F.scaled_dot_product_attention(q, k, v, scale=(d // heads) ** -0.5)
                 x = x + layer.attn.o_proj(att.transpose(1, 2).reshape(nt, t, d))
             h = layer.norm2(x)
-            if self.vision_mlp is None:
-                x = x + layer.mlp(h)
-            else:
-                w1, b1, w2, b2 = self.vision_mlp[i]
-                x = x + F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2)
+            x = x + (layer.mlp(h) if self.vision_mlp is None else self._vision_mlp(self.vision_mlp[i], h))
         tokens = m.projector(enc.norm(x))  # [B*N, T, width]
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+    def _vision_mlp(self, weights: tuple[torch.Tensor, ...], h: torch.Tensor) -> torch.Tensor:
+        """SigLIP's MLP on h [B*N, T, D] with the (possibly padded) weights of `_mlp_weights`."""
+        w1, b1, w2, b2 = weights
+        if self.s.gelu_epilogue and h.is_cuda:  # aten's CPU kernel would apply the erf GELU
+            a = torch._addmm_activation(b1, h.flatten(0, -2), w1.t(), use_gelu=True).view(*h.shape[:-1], -1)
+        else:
+            a = F.gelu(F.linear(h, w1, b1), approximate="tanh")  # [B*N, T, hidden]
+        return F.linear(a, w2, b2)
 
     def prefill(
         self, img_tokens: torch.Tensor, img_mask: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
