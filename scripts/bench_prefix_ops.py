@@ -9,7 +9,8 @@
 3. prefix attention (8 query heads, 1 K/V head, head_dim 256, 544 keys of which the last 12 are padding), 17 layers
    in a graph: the engine's eager-math attention compiled by inductor vs flash attention through
    `torch.nn.attention.varlen.varlen_attn` with the valid length as cu_seq_k (K/V heads repeated where the
-   installed version has no GQA), and the max |difference| on the valid rows.
+   installed version has no GQA), and `F.scaled_dot_product_attention` with the boolean mask on its cuDNN and
+   memory-efficient backends (eager, K/V expanded to 8 heads); the max |difference| on the valid rows.
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ def prefix_attention() -> dict[str, Any]:
         out = varlen_attn(qq, kk, vv, cu_q, cu_k, p, p, scale=hd**-0.5, **({"enable_gqa": True} if gqa else {}))
         return out.reshape(1, p, heads * hd)
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa_mask = (mask | torch.eye(p, dtype=torch.bool, device=DEV))[:, None]  # [1, 1, P, P]: pad rows see themselves
+    kx, vx = k.expand(1, heads, p, hd), v.expand(1, heads, p, hd)
+
+    def sdpa(q, kx, vx, m):
+        return F.scaled_dot_product_attention(q, kx, vx, attn_mask=m, scale=hd**-0.5).transpose(1, 2).reshape(1, p, -1)
+
     math_c = torch.compile(lambda q, k, v, m: attention(q, k, v, m, hd**-0.5), fullgraph=True)
     flash_c = torch.compile(flash, fullgraph=True)
     out = {
@@ -92,6 +101,15 @@ def prefix_attention() -> dict[str, Any]:
         "math_compiled_us_per_layer": median_us(lambda: [math_c(q, k, v, mask) for _ in range(layers)], layers),
         "flash_varlen_us_per_layer": median_us(lambda: [flash_c(q, k, v, pad) for _ in range(layers)], layers),
     }
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                got = sdpa(q, kx, vx, sdpa_mask)
+                out[f"sdpa_{name}_max_abs_valid_rows"] = float((got - ref)[:, :valid].abs().max())
+                calls = lambda: [sdpa(q, kx, vx, sdpa_mask) for _ in range(layers)]  # noqa: E731
+                out[f"sdpa_{name}_us_per_layer"] = median_us(calls, layers)
+        except RuntimeError as e:  # the backend refuses these inputs
+            out[f"sdpa_{name}_error"] = str(e).splitlines()[0][:300]
     print("prefix attention:", json.dumps(out), flush=True)
     return out
 
@@ -99,9 +117,13 @@ def prefix_attention() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--attention-only", action="store_true", help="skip the GEMM shapes")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
-    res: dict[str, Any] = {"env": environment(), "gemms": gemms(), "prefix_attention": prefix_attention()}
+    res: dict[str, Any] = {"env": environment()}
+    if not args.attention_only:
+        res["gemms"] = gemms()
+    res["prefix_attention"] = prefix_attention()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
