@@ -2,9 +2,9 @@
 
     PYTHONPATH=$PWD python scripts/bench_vision_sdpa.py OUT.json
 
-Each backend (default choice, flash, memory-efficient, cuDNN) is forced with `torch.nn.attention.sdpa_kernel` around
-the compiled stage, graph-captured, and timed over 100 replays (median ms); max |Δ| of the image tokens vs the
-default choice.
+Each backend (default choice, flash, memory-efficient, cuDNN, math: decomposed by inductor) is forced with
+`torch.nn.attention.sdpa_kernel` around the compiled stage, graph-captured, and timed over 100 replays (median ms);
+max |Δ| of the image tokens vs the default choice.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "math": [SDPBackend.MATH],
 }
 
 
