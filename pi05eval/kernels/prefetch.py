@@ -5,6 +5,10 @@ idles through every epilogue, split-K combine and launch gap. A kernel given a `
 kernel that runs later) asks L2 to fetch it before doing its own work: each thread of each program issues one
 `cp.async.bulk.prefetch.L2` of a contiguous chunk (fire and forget, no registers or shared memory held), so HBM
 keeps streaming while the chain of small kernels runs, and the later kernel reads its weights from L2.
+
+Measured on an H200 it loses (benchmarks/README.md, "Bulk L2 prefetch"): even L2-resident weights save only 0.1-0.3 µs
+per launch on three of the four GEMM kernels, and issuing the prefetches costs more, so `ExpertKernelConfig.prefetch`
+and `att_prefetch` are 0 by default.
 """
 
 from __future__ import annotations
