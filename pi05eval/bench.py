@@ -229,6 +229,13 @@ def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int, warmup: int = 10)
     return [start.elapsed_time(end) for start, end in events]
 
 
+def graph_median_ms(fn: Callable[[], Any], replays: int, warmup: int = 10) -> float:
+    """Median CUDA-event ms of one replay of `fn` captured as a CUDA graph (`capture_graph`, `graph_replay_ms`)."""
+    graph, _ = capture_graph(fn)
+    ms = sorted(graph_replay_ms(graph, replays, warmup))
+    return ms[len(ms) // 2]
+
+
 def profile_kernels(
     model, spec: EngineSpec, inputs, steps: int, path: str | None, precision: str = "bf16"
 ) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pi05eval.bench import capture_graph, environment, graph_replay_ms, random_model
+from pi05eval.bench import environment, graph_median_ms, random_model
 from pi05eval.engines.fast import FastPi05
 
 SETTINGS = {
@@ -23,12 +23,6 @@ SETTINGS = {
     "coordinate_descent_and_benchmark_fusion": {"coordinate_descent_tuning": True, "benchmark_fusion": True},
     "default_again": {},
 }
-
-
-def median_ms(fn) -> float:
-    graph, _ = capture_graph(fn)
-    ms = sorted(graph_replay_ms(graph, 200))
-    return ms[len(ms) // 2]
 
 
 def main() -> None:
@@ -51,9 +45,10 @@ def main() -> None:
                 prefill(img_tokens, img_mask, tokens, token_mask)
                 torch.cuda.synchronize()
                 compile_s = time.perf_counter() - t0
+                run_prefill = lambda p=prefill, t=img_tokens: p(t, img_mask, tokens, token_mask)  # noqa: E731
                 res[name] = {
-                    "vision_ms": median_ms(lambda v=vision: v(images)),
-                    "prefill_ms": median_ms(lambda p=prefill, t=img_tokens: p(t, img_mask, tokens, token_mask)),
+                    "vision_ms": graph_median_ms(lambda v=vision: v(images), 200),
+                    "prefill_ms": graph_median_ms(run_prefill, 200),
                     "compile_s": compile_s,
                 }
             print(name, res[name], flush=True)

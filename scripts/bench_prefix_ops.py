@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pi05eval.bench import capture_graph, environment, graph_replay_ms
+from pi05eval.bench import environment, graph_median_ms
 from pi05eval.model.attention import attention
 
 DEV, DT = "cuda", torch.bfloat16
@@ -42,9 +42,8 @@ SHAPES = {  # name: (M, K, N, bias, launches)
 
 
 def median_us(fn, launches: int) -> float:
-    graph, _ = capture_graph(fn)
-    ms = sorted(graph_replay_ms(graph, 30))
-    return 1e3 * ms[len(ms) // 2] / launches
+    """Median µs per launch of `fn` (`launches` launches) replayed as a CUDA graph."""
+    return 1e3 * graph_median_ms(fn, 30) / launches
 
 
 def gemms() -> dict[str, Any]:

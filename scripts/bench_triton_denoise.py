@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pi05eval.bench import capture_graph, environment, graph_replay_ms, random_model
+from pi05eval.bench import capture_graph, environment, graph_median_ms, graph_replay_ms, random_model
 from pi05eval.engines.fast import FastPi05
 from pi05eval.engines.triton_denoise import TritonDenoise
 from pi05eval.kernels import ExpertKernelConfig
@@ -210,11 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = {}
         for pdl in (False, True):
             opts = {"launch_pdl": True} if pdl else {}
-            graph, _ = capture_graph(
-                lambda pdl=pdl, opts=opts: [_empty_kernel[(132,)](buf, USE_PDL=pdl, **opts) for _ in range(90)]
+            ms = graph_median_ms(
+                lambda pdl=pdl, opts=opts: [_empty_kernel[(132,)](buf, USE_PDL=pdl, **opts) for _ in range(90)], 50
             )
-            ms = graph_replay_ms(graph, 50)
-            out[f"us_per_launch_pdl_{pdl}"] = 1e3 * sorted(ms)[len(ms) // 2] / 90
+            out[f"us_per_launch_pdl_{pdl}"] = 1e3 * ms / 90
         print("launch floor:", json.dumps(out), flush=True)
         return out
 
@@ -256,9 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         deadline = time.perf_counter() + args.sweep_s
 
         def time_config(conf: dict[str, Any]) -> float:
-            graph, _ = capture_graph(denoise_with(td.with_config(ExpertKernelConfig(**conf)).update))
-            ms = graph_replay_ms(graph, 30, warmup=3)
-            return sorted(ms)[len(ms) // 2]
+            return graph_median_ms(denoise_with(td.with_config(ExpertKernelConfig(**conf)).update), 30, warmup=3)
 
         cur = time_config(best)
         start = cur
@@ -292,11 +289,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cos, sin = rope_tables()
         per_kernel = {}
         for kernel in ("qkv", "attn", "o", "gu", "down"):  # µs per launch, its 18 launches alone in a graph
-            graph, _ = capture_graph(
-                lambda k=kernel: tuned.run_layers(noise, fast.mods[0], cos, sin, ks, vs, key_mask, frozenset({k}))
+            ms = graph_median_ms(
+                lambda k=kernel: tuned.run_layers(noise, fast.mods[0], cos, sin, ks, vs, key_mask, frozenset({k})),
+                20,
+                warmup=3,
             )
-            ms = graph_replay_ms(graph, 20, warmup=3)
-            per_kernel[kernel] = 1e3 * sorted(ms)[len(ms) // 2] / cfg.depth
+            per_kernel[kernel] = 1e3 * ms / cfg.depth
         print("[sweep] tuned, us per launch alone:", json.dumps(per_kernel), flush=True)
         out["per_kernel_alone_us"] = per_kernel
         return out

@@ -118,7 +118,6 @@ class TritonDenoise:
         self.device = model.action_in.weight.device
         self.eps = float(model.expert.layers[0].attn_norm.eps)
         cfg = self.cfg
-        self.config = self._resolve(config or ExpertKernelConfig())
         with torch.no_grad():  # weights [N, K] row-major in the activation dtype
             self.wqkv = [interleave_halves(p.wqkv.detach(), cfg.head_dim) for p in fast.expert]
             self.wgu = [interleave_gate_up(p.wgu.detach()) for p in fast.expert]
@@ -126,6 +125,7 @@ class TritonDenoise:
             self.wd = [layer.mlp.down_proj.weight.detach().contiguous() for layer in model.expert.layers]
             self.w_in, self.b_in = model.action_in.weight.detach(), model.action_in.bias.detach()  # [De, A], [De]
             self.w_out, self.b_out = model.action_out.weight.detach(), model.action_out.bias.detach()  # [A, De], [A]
+        self.config = self._resolve(config or ExpertKernelConfig())
         self._scratch: dict[tuple[int, int], _Scratch] = {}
         log.info("TritonDenoise: %d layers x %d kernels + %d, %s", cfg.depth, KERNELS_PER_LAYER, KERNELS_PER_STEP,
                  self.config)  # fmt: skip
@@ -140,7 +140,8 @@ class TritonDenoise:
         self.pdl = out.pdl and hopper
         if (out.prefetch or out.att_prefetch) and out.stream:
             raise ValueError("prefetch is not implemented for the stream kernels (stream=True)")
-        self.prefetch_ok = hopper  # bulk L2 prefetch is an sm_90 instruction
+        # (kernel, layer) -> its launcher's prefetch arguments; bulk L2 prefetch is an sm_90 instruction
+        self._prefetch = self._prefetch_schedule(out, hopper)
         # the GEMM launchers of this config and their design-specific arguments per kernel
         if out.stream:
             self._gemm_launchers = (launch_norm_gemm_stream, launch_gemm_residual_stream)
@@ -207,11 +208,12 @@ class TritonDenoise:
         )  # fmt: skip
         return out
 
-    def _prefetch_schedule(self) -> dict[tuple[str, int], dict[str, torch.Tensor | int]]:
-        """(kernel, layer) -> its launcher's prefetch arguments. In the step's GEMM sequence qkv, o, gu, down of layer
-        0, 1, ... (wrapping to the next step's layer 0), each GEMM kernel fetches the weight `prefetch` GEMMs later
-        and the attention kernel the weight `att_prefetch` GEMMs after it (1: its layer's O); 0: none."""
-        c = self.config
+    def _prefetch_schedule(
+        self, c: ExpertKernelConfig, on: bool
+    ) -> dict[tuple[str, int], dict[str, torch.Tensor | int]]:
+        """(kernel, layer) -> its launcher's prefetch arguments (all empty unless `on`). In the step's GEMM sequence
+        qkv, o, gu, down of layer 0, 1, ... (wrapping to the next step's layer 0), each GEMM kernel fetches the weight
+        `prefetch` GEMMs later and the attention kernel the weight `att_prefetch` GEMMs after it (1: its layer's O)."""
         gemms = [(k, i) for i in range(self.cfg.depth) for k in ("qkv", "o", "gu", "down")]
         weights = {"qkv": self.wqkv, "o": self.wo, "gu": self.wgu, "down": self.wd}
 
@@ -219,7 +221,6 @@ class TritonDenoise:
             k, i = gemms[j % len(gemms)]
             return {"prefetch": weights[k][i], "prefetch_at": c.prefetch_at}
 
-        on = self.prefetch_ok
         out = {key: fetch(j + c.prefetch) if on and c.prefetch else {} for j, key in enumerate(gemms)}
         for j, (k, i) in enumerate(gemms):
             if k == "o":
@@ -254,7 +255,7 @@ class TritonDenoise:
         d, hd, heads, kv = cfg.expert_width, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         pdl, tiles = self.pdl, self._gemm_tiles
         norm_gemm, gemm_residual = self._gemm_launchers
-        pf = self._prefetch_schedule()
+        pf = self._prefetch
         launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
         for i in range(cfg.depth):
             mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
