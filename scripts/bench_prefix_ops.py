@@ -10,7 +10,10 @@
    in a graph: the engine's eager-math attention compiled by inductor vs flash attention through
    `torch.nn.attention.varlen.varlen_attn` with the valid length as cu_seq_k (K/V heads repeated where the
    installed version has no GQA), and `F.scaled_dot_product_attention` with the boolean mask on its cuDNN and
-   memory-efficient backends (eager, K/V expanded to 8 heads); the max |difference| on the valid rows.
+   memory-efficient backends (eager, K/V expanded to 8 heads); the max |difference| on the valid rows;
+4. (--triton) the same attention with RoPE on the queries, as the engine runs it (q a view of the fused Q/K/V output,
+   rotated then attended, compiled by inductor) vs `pi05eval.kernels.prefix_attention_triton` (rotation on load),
+   over a grid of its tile sizes and key splits.
 """
 
 from __future__ import annotations
@@ -113,16 +116,79 @@ def prefix_attention() -> dict[str, Any]:
     return out
 
 
+def triton_prefix_attention() -> dict[str, Any]:
+    from pi05eval.kernels.prefix_attention_triton import PrefixAttentionScratch
+    from pi05eval.kernels.prefix_attention_triton import prefix_attention as triton_attention
+    from pi05eval.model.attention import apply_rope, rope_cos_sin
+
+    p, valid, heads, hd, layers = 544, 532, 8, 256, 17
+    g = torch.Generator(device=DEV).manual_seed(1)
+    qkv = torch.randn(1, p, (heads + 2) * hd, device=DEV, dtype=DT, generator=g)
+    q = qkv[..., : heads * hd]  # [1, P, H * hd], row stride (H + 2) hd as in the engine
+    k = torch.randn(1, 1, p, hd, device=DEV, dtype=DT, generator=g)
+    v = torch.randn(1, 1, p, hd, device=DEV, dtype=DT, generator=g)
+    pad = torch.arange(p, device=DEV)[None] < valid  # [1, P]
+    mask = pad[:, None, :] & pad[:, :, None]
+    cos, sin = rope_cos_sin(torch.cumsum(pad.long(), dim=1) - 1, hd, 10000.0, DT)  # [1, 1, P, hd]
+
+    def rope_math(q, k, v, mask, cos, sin):
+        qh = apply_rope(q.view(1, p, heads, hd).transpose(1, 2), cos, sin)
+        return attention(qh, k, v, mask, hd**-0.5)
+
+    math_c = torch.compile(rope_math, fullgraph=True)
+    ref = rope_math(q, k, v, mask, cos, sin)
+    out: dict[str, Any] = {
+        "rope_math_compiled_us_per_layer": median_us(
+            lambda: [math_c(q, k, v, mask, cos, sin) for _ in range(layers)], layers
+        ),
+        "configs": {},
+    }
+    best = None
+    for bn in (32, 64):
+        for warps in (4, 8):
+            for stages in (2, 3):
+                for split in (1, 2, 3, 4):
+                    kw = {"block_m": 64, "block_n": bn, "warps": warps, "stages": stages, "split": split}
+                    name = f"bn{bn}_w{warps}_s{stages}_split{split}"
+                    try:
+                        got = triton_attention(q, k, v, pad, hd**-0.5, cos, sin, **kw)
+                        err = float((got - ref)[:, :valid].abs().max())
+                        scratch = PrefixAttentionScratch(1, p, heads, hd, 64, split, q.device)
+                        us = median_us(
+                            lambda kw=kw, sc=scratch: [
+                                triton_attention(q, k, v, pad, hd**-0.5, cos, sin, **kw, scratch=sc)
+                                for _ in range(layers)
+                            ],
+                            layers,
+                        )
+                    except Exception as e:  # out of shared memory or registers: record it, go on
+                        out["configs"][name] = {"error": str(e).splitlines()[0][:200]}
+                        continue
+                    out["configs"][name] = {"us": round(us, 2), "max_abs_valid_rows": err}
+                    print(name, out["configs"][name], flush=True)
+                    if best is None or us < out["configs"][best]["us"]:
+                        best = name
+    out["best"] = best
+    out["ref_abs_max"] = float(ref.abs().max())
+    log = (out["rope_math_compiled_us_per_layer"], best, out["configs"].get(best))
+    print("triton prefix attention:", *log, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--attention-only", action="store_true", help="skip the GEMM shapes")
+    p.add_argument("--triton", action="store_true", help="only the Triton prefix attention against the engine's path")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     res: dict[str, Any] = {"env": environment()}
-    if not args.attention_only:
+    if args.triton:
+        res["triton_prefix_attention"] = triton_prefix_attention()
+    elif not args.attention_only:
         res["gemms"] = gemms()
-    res["prefix_attention"] = prefix_attention()
+    if not args.triton:
+        res["prefix_attention"] = prefix_attention()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

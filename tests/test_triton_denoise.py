@@ -10,9 +10,6 @@ program's epilogue, static_kv, batch 2.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,11 +17,10 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# The interpreter must be on when Triton itself is imported (its own jit functions, tl.zeros etc., too).
-_SET_HERE = DEVICE.type == "cpu" and "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ
-if _SET_HERE:
-    os.environ["TRITON_INTERPRET"] = "1"
+import triton_interpreter as interp
+
+DEVICE = interp.DEVICE
+_SET_HERE = interp.turn_on()
 
 from pi05eval.bench import random_model  # noqa: E402
 from pi05eval.engines.fast import FastPi05, Shortcuts  # noqa: E402
@@ -32,25 +28,14 @@ from pi05eval.engines.triton_denoise import TritonDenoise  # noqa: E402
 from pi05eval.kernels import ExpertKernelConfig  # noqa: E402
 from pi05eval.kernels.expert_triton import norm_gemm_kernel  # noqa: E402
 
-if _SET_HERE:
-    del os.environ["TRITON_INTERPRET"]  # keep it out of other tests' subprocesses; the fixture sets it again
-
-# Triton imported earlier in this process without the interpreter: run the kernel tests in a fresh process.
-IN_PROCESS = DEVICE.type == "cuda" or type(norm_gemm_kernel).__name__ == "InterpretedFunction"
+interp.turn_off(_SET_HERE)
+IN_PROCESS = interp.interpreted(norm_gemm_kernel)  # else: Triton came in earlier without it, rerun in a fresh process
 
 
 @pytest.fixture(autouse=True)
 def _interpreter_env(monkeypatch):
-    """The interpreter reads TRITON_INTERPRET while running kernels too."""
     if DEVICE.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _in_fresh_process(request) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid]
-    proc = subprocess.run(cmd, cwd=request.config.rootpath, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 def _inputs(model, batch: int, prefix_len: int, static_kv: bool, seed: int):
@@ -96,7 +81,7 @@ def _inputs(model, batch: int, prefix_len: int, static_kv: bool, seed: int):
 )
 def test_update_matches_fast_path(request, batch, head_dim, static_kv, kernel_cfg) -> None:
     if not IN_PROCESS:
-        _in_fresh_process(request)
+        interp.rerun_in_fresh_process(request)
         return
     torch.set_float32_matmul_precision("highest")
     model = random_model("tiny", DEVICE, seed=3, overrides={"head_dim": head_dim}).set_precision("fp32")

@@ -21,13 +21,18 @@ itself stays plain. Each shortcut can be switched off for A/B:
                   softmax-matmul; the 8 query heads are read as 8·P rows against the single K/V head. Padded prompt
                   tokens (inside a bucket) attend to themselves only, so no row is fully masked (no NaN). The denoise
                   attention (80 rows) stays matmul-softmax-matmul: on an H200 the fused kernels chosen for it were
-                  slower (cuDNN ~39 µs per call vs a few µs for inductor's fused softmax + two small GEMMs).
+                  slower (cuDNN ~39 µs per call vs a few µs for inductor's fused softmax + two small GEMMs);
+* `triton_prefix` on CUDA (or in Triton's interpreter), the prefix attention and the queries' RoPE as one Triton kernel
+                  (`pi05eval/kernels/prefix_attention_triton.py`, flash style): q is rotated on load, padding tokens
+                  are masked as keys only (their own rows never reach a valid token), output in the O projection's
+                  layout. Tiles: `prefix_attention_triton.TILES`.
 
 The stages take only tensors and Python constants so `engines/compile.py` can compile and graph-capture them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +56,7 @@ class Shortcuts:
     sdpa_prefix: bool = False  # measured slower on an H200 (prefill 4.9 vs 4.2 ms): off by default
     pad_vision_mlp: bool = True
     gelu_epilogue: bool = True
+    triton_prefix: bool = False  # measured slower on an H200 (28 vs 23.5 µs per layer): off by default
 
 
 class _Proj:
@@ -210,6 +216,15 @@ class FastPi05:
         ks = torch.zeros(kv_shape, dtype=x.dtype, device=x.device)
         vs = torch.zeros(kv_shape, dtype=x.dtype, device=x.device)
         last = cfg.depth - 1
+        triton_attn = self.s.triton_prefix and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        if triton_attn:
+            from pi05eval.kernels import prefix_attention_triton as pa
+
+            tiles = pa.TILES
+            scratch = None
+            if tiles["split"] > 1:
+                shape = (b, p, cfg.num_heads, cfg.head_dim, tiles["block_m"], tiles["split"], x.device)
+                scratch = pa.PrefixAttentionScratch(*shape)
         for i, (layer, proj) in enumerate(zip(m.llm.layers, self.llm, strict=True)):
             h = layer.attn_norm(x)
             q, k, v = proj.qkv(h)
@@ -219,6 +234,11 @@ class FastPi05:
             vs[i, :, :, :p] = v
             if i == last:
                 break  # the last layer's output feeds nothing the actions use
+            if triton_attn:
+                att = pa.prefix_attention(q, ks[i], vs[i], pad, cfg.head_dim**-0.5, cos, sin, **tiles, scratch=scratch)
+                x = x + proj.attn.o_proj(att)
+                x = x + proj.geglu(layer.mlp_norm(x))
+                continue
             q = apply_rope(_heads(q, cfg.num_heads, cfg.head_dim), cos, sin)
             if self.s.sdpa_prefix:
                 att = sdpa_attention(q, k, v, mask)
