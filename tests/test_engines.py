@@ -18,7 +18,7 @@ from pi05eval.engines.fast import FastPi05, Shortcuts
 
 SHORTCUTS = (
     "trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "fuse_vision_qkv", "pad_vision_mlp", "gelu_epilogue",
-    "static_kv",
+    "rope_table", "static_kv",
 )  # fmt: skip
 ALL_OFF = dict.fromkeys(SHORTCUTS, False)
 
@@ -57,6 +57,19 @@ def test_padded_vision_mlp_keeps_fp32_actions(fuse_vision_qkv) -> None:
     ref = model.sample_actions(*inputs, num_steps=2)
     for f in (fast, plain):
         assert (f.sample(*inputs) - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("rope_table", [True, False])
+def test_leading_masked_image_slot_keeps_fp32_actions(fp32_model, inputs, rope_table) -> None:
+    """Element 0's first camera is masked but kept (element 1 uses it): its tokens sit at position -1, which the RoPE
+    table clamps; nothing valid reads them."""
+    images, image_masks, tokens, token_mask, noise = inputs
+    image_masks = image_masks.clone()
+    image_masks[0, 0] = False
+    call = (images, image_masks, tokens, token_mask, noise)
+    ref = fp32_model.sample_actions(*call, num_steps=2)
+    out = FastPi05(fp32_model, 2, Shortcuts(rope_table=rope_table)).sample(*call)
+    assert (out - ref).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("flags", [{}, {"sdpa_prefix": True}], ids=["matmul", "sdpa_prefix"])

@@ -15,6 +15,9 @@ itself stays plain. Each shortcut can be switched off for A/B:
                   bias copy) and give fc2 an aligned K;
 * `gelu_epilogue` on CUDA, SigLIP's fc1 + bias + tanh-GELU as one cuBLASLt call (`torch._addmm_activation`): GELU is
                   applied to the fp32 result in the GEMM's epilogue, one bf16 rounding fewer than a separate GELU;
+* `rope_table`    RoPE cos / sin of every position a call can use (0 .. prefix + horizon) computed once at build time;
+                  a call gathers its rows by position instead of evaluating pow / cos / sin (inductor inlines those
+                  into every layer's rotation kernel). Same function of the same integer positions;
 * `static_kv`     one preallocated K/V buffer per layer [prefix | actions]: the prefill writes the prefix part once,
                   each denoise step overwrites the action part (no per-layer concatenation of the cache);
 * `sdpa_prefix`   prefix attention through `F.scaled_dot_product_attention` (fused kernels) instead of matmul-
@@ -56,6 +59,7 @@ class Shortcuts:
     sdpa_prefix: bool = False  # measured slower on an H200 (prefill 4.9 vs 4.2 ms): off by default
     pad_vision_mlp: bool = True
     gelu_epilogue: bool = True
+    rope_table: bool = True
     triton_prefix: bool = False  # measured slower on an H200 (28 vs 23.5 µs per layer): off by default
 
 
@@ -152,11 +156,27 @@ class FastPi05:
         if shortcuts.pad_vision_mlp or shortcuts.gelu_epilogue:
             weights = [_mlp_weights(layer.mlp, 128 if shortcuts.pad_vision_mlp else 1) for layer in model.vision.layers]
             self.vision_mlp = weights if all(w is not None for w in weights) else None
+        self.rope_tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> cos, sin [N, hd]
+        if shortcuts.rope_table:
+            dev = model.action_in.weight.device
+            positions = torch.arange(self.cfg.prefix_len + self.cfg.action_horizon, device=dev)[None]  # [1, N]
+            for dtype in {model.llm.compute_dtype, model.expert.compute_dtype}:
+                cos, sin = model._rope(positions, dtype)  # [1, 1, N, hd]
+                self.rope_tables[dtype] = (cos[0, 0], sin[0, 0])
         self.mods: torch.Tensor | None = None  # [steps, 2 * depth + 1, 1, 3 * De] fp32 when fold_time
         if shortcuts.fold_time:
             dev = model.action_in.weight.device
             with torch.no_grad():
                 self.mods = torch.stack([model.time_modulations(torch.full((1,), t, device=dev)) for t in self.times])
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, L, hd] for positions [B, L]: rows of the build-time tables with `rope_table`. A position of
+        -1 (masked tokens before the first valid one, which nothing valid reads) takes row 0."""
+        if dtype not in self.rope_tables:
+            return self.model._rope(positions, dtype)
+        cos, sin = self.rope_tables[dtype]
+        rows = positions.clamp(min=0)
+        return cos[rows][:, None], sin[rows][:, None]
 
     # ---------------------------------------------------------------------------------------------- stages
 
@@ -205,7 +225,7 @@ class FastPi05:
         x = torch.cat([img_tokens, lang], dim=1).to(m.llm.compute_dtype)  # [B, P, width]
         pad = torch.cat([img_mask.repeat_interleave(cfg.num_patches, dim=1), token_mask], dim=1)  # [B, P]
         positions = torch.cumsum(pad.to(torch.int64), dim=1) - 1
-        cos, sin = m._rope(positions, x.dtype)
+        cos, sin = self._rope(positions, x.dtype)
         mask = pad[:, None, :] & pad[:, :, None]  # [B, P, P]
         if self.s.sdpa_prefix:
             mask = mask | torch.eye(pad.shape[1], dtype=torch.bool, device=pad.device)  # pad rows: self only
@@ -262,7 +282,7 @@ class FastPi05:
         b, h_act, _ = noise.shape
         lengths = key_mask[:, 0, : key_mask.shape[-1] - h_act].sum(dim=1)  # [B] valid prefix tokens
         positions = lengths[:, None] + torch.arange(h_act, device=noise.device)  # [B, H]
-        cos, sin = m._rope(positions, m.expert.compute_dtype)
+        cos, sin = self._rope(positions, m.expert.compute_dtype)
         x = noise.float()
         for i, t in enumerate(self.times):
             if self.mods is not None:

@@ -27,6 +27,16 @@ MASK_VALUE = tl.constexpr(-2.3819763e38)  # pi05eval.model.attention.MASK_VALUE
 
 
 @triton.jit
+def combine_partial(m_run, den, num, m_c, l_c, a_c):
+    """One step of the online softmax combine: the running (max, sum of exp, unnormalized output) of the rows with one
+    more partial (m_c, l_c, a_c) of theirs -> the updated three. m_run may be -inf (nothing yet); m_c must be finite."""
+    m_new = tl.maximum(m_run, m_c)
+    alpha = tl.exp(m_run - m_new)
+    beta = tl.exp(m_c - m_new)
+    return m_new, den * alpha + beta * l_c, num * alpha[:, None] + beta[:, None] * a_c
+
+
+@triton.jit
 def attention_kernel(
     qkv_ptr,  # [B * L, QKV_N] act: q | k | v of the action tokens, RoPE applied
     kc_ptr,  # prefix keys of this layer, [B, KV, P_alloc, HD] act (last dim contiguous)
@@ -130,12 +140,7 @@ def attention_kernel(
             m_c = tl.load(pm_ptr + c * stat_stride + own, cache_modifier=".cg")
             l_c = tl.load(pl_ptr + c * stat_stride + own, cache_modifier=".cg")
             a_c = tl.load(part + c * chunk_stride, cache_modifier=".cg")
-            m_new = tl.maximum(m_run, m_c)
-            alpha = tl.exp(m_run - m_new)
-            beta = tl.exp(m_c - m_new)
-            den = den * alpha + beta * l_c
-            num = num * alpha[:, None] + beta[:, None] * a_c
-            m_run = m_new
+            m_run, den, num = combine_partial(m_run, den, num, m_c, l_c, a_c)
         o = num / den[:, None]
         optr = out_ptr + qrow[:, None] * (H * HD) + hq[:, None] * HD + dv[None, :]
         tl.store(optr, o.to(act), mask=r_ok[:, None])

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pi05eval.kernels.attention_triton import combine_partial
 from pi05eval.kernels.expert_triton import dot_precision
 
 MASK_VALUE = tl.constexpr(-2.3819763e38)  # pi05eval.model.attention.MASK_VALUE
@@ -126,12 +127,7 @@ def prefix_attention_kernel(
                 m_c = tl.load(pm_ptr + sp * split_stride + stat, cache_modifier=".cg")
                 l_c = tl.load(pl_ptr + sp * split_stride + stat, cache_modifier=".cg")
                 a_c = tl.load(part + sp * split_stride * HD, cache_modifier=".cg")
-                m_new = tl.maximum(m_run, m_c)
-                alpha = tl.exp(m_run - m_new)
-                beta = tl.exp(m_c - m_new)
-                den = den * alpha + beta * l_c
-                num = num * alpha[:, None] + beta[:, None] * a_c
-                m_run = m_new
+                m_run, den, num = combine_partial(m_run, den, num, m_c, l_c, a_c)
             tl.store(out_ptr + o_off, (num / den[:, None]).to(act), mask=row_ok[:, None])
             tl.store(cnt, 0)
 
