@@ -2,6 +2,11 @@
 
     PYTHONPATH=$PWD python scripts/bench_inductor_knobs.py OUT.json
 
+Settings: inductor's defaults; one-pass row reductions up to 2048 wide (`WideRowChoices`);
+`triton.multi_kernel` (both reduction forms generated, the faster picked at run time: the engine's default since
+this comparison). Measured earlier and dropped:
+`coordinate_descent_tuning` (+ `benchmark_fusion`), see benchmarks/README.md.
+
 Each setting compiles both stages from scratch (inductor's FX graph cache off), reports the compile seconds, then
 times each stage graph-captured over 200 replays (median ms). Inputs: 2 images, a 30-token prompt in the 32 bucket.
 """
@@ -11,17 +16,47 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.choices import InductorChoices
+from torch._inductor.runtime.hints import ReductionHint
+from torch._inductor.virtualized import V
 
 from pi05eval.bench import environment, graph_median_ms, random_model
 from pi05eval.engines.fast import FastPi05
 
-SETTINGS = {
-    "default": {},
-    "coordinate_descent": {"coordinate_descent_tuning": True},
-    "coordinate_descent_and_benchmark_fusion": {"coordinate_descent_tuning": True, "benchmark_fusion": True},
-    "default_again": {},
+MAX_ROW = 2048
+
+
+class WideRowChoices(InductorChoices):
+    """Inductor makes a row (INNER) reduction one pass, the row in registers, only up to 1024 columns; wider rows loop
+    and read their inputs twice. This subclass of its heuristics allows one pass up to MAX_ROW (SigLIP's 1152-wide
+    LayerNorms, Gemma's 2048-wide RMSNorms); installed with V.set_choices_handler around a compilation (inductor
+    reads its `inductor_choices_class` setting only once per process)."""
+
+    @staticmethod
+    def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+        if (
+            inductor_config.triton.persistent_reductions
+            and not cooperative_reduction
+            and features.get_reduction_hint() == ReductionHint.INNER
+            and V.graph.sizevars.statically_known_leq(features.reduction_numel, MAX_ROW)
+        ):
+            return True
+        return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    def uuid(self) -> str:  # part of inductor's cache key
+        return f"WideRowChoices/{MAX_ROW}"
+
+
+SETTINGS = {  # name: (inductor config patch, one-pass rows up to 2048)
+    "default": ({}, False),
+    "wide_row_reductions": ({}, True),
+    "multi_kernel": ({"triton.multi_kernel": 1}, False),
+    "wide_rows_and_multi_kernel": ({"triton.multi_kernel": 1}, True),
+    "default_again": ({}, False),
 }
 
 
@@ -35,9 +70,10 @@ def main() -> None:
     token_mask = torch.arange(32, device=dev)[None] < 30
     res: dict = {"env": environment()}
     with torch.no_grad():
-        for name, knobs in SETTINGS.items():
+        for name, (knobs, wide_rows) in SETTINGS.items():
             torch._dynamo.reset()
-            with torch._inductor.config.patch({"fx_graph_cache": False, **knobs}):
+            choices = WideRowChoices() if wide_rows else InductorChoices()
+            with torch._inductor.config.patch({"fx_graph_cache": False, **knobs}), V.set_choices_handler(choices):
                 t0 = time.perf_counter()
                 vision = torch.compile(fast.vision, dynamic=False, fullgraph=True)
                 prefill = torch.compile(fast.prefill, dynamic=False, fullgraph=True)

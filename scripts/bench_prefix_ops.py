@@ -13,7 +13,9 @@
    memory-efficient backends (eager, K/V expanded to 8 heads); the max |difference| on the valid rows;
 4. (--triton) the same attention with RoPE on the queries, as the engine runs it (q a view of the fused Q/K/V output,
    rotated then attended, compiled by inductor) vs `pi05eval.kernels.prefix_attention_triton` (rotation on load),
-   over a grid of its tile sizes and key splits.
+   over a grid of its tile sizes and key splits;
+5. (--softmax) the prefix attention's softmax alone (scale, pad x pad mask, fp32 softmax, bf16 probabilities over
+   [8 x 544, 544] logits): inductor's fused kernel vs `pi05eval.kernels.softmax_triton.masked_softmax` per tiling.
 """
 
 from __future__ import annotations
@@ -175,19 +177,51 @@ def triton_prefix_attention() -> dict[str, Any]:
     return out
 
 
+def triton_softmax() -> dict[str, Any]:
+    from pi05eval.kernels.softmax_triton import masked_softmax
+
+    p, valid, heads, layers = 544, 532, 8, 17
+    g = torch.Generator(device=DEV).manual_seed(2)
+    logits = torch.randn(1, 1, heads * p, p, device=DEV, dtype=DT, generator=g) * 16
+    pad = torch.arange(p, device=DEV)[None] < valid  # [1, P]
+
+    def eager(x, pad):  # as `attention`: scale in bf16, mask, fp32 softmax, bf16
+        mask = (pad[:, None, :] & pad[:, :, None])[:, None]  # [1, 1, P, P]
+        y = (x * 0.0625).view(1, heads, p, p).float()
+        return torch.softmax(torch.where(mask, y, -2.3819763e38), dim=-1).to(DT).view(x.shape)
+
+    ref = eager(logits, pad)
+    compiled = torch.compile(eager, fullgraph=True)
+    out: dict[str, Any] = {
+        "inductor_us": median_us(lambda: [compiled(logits, pad) for _ in range(layers)], layers),
+        "configs": {},
+    }
+    for block_r in (1, 2, 4, 8):
+        for warps in (2, 4, 8):
+            kw = {"block_r": block_r, "warps": warps}
+            err = float((masked_softmax(logits, pad, 0.0625, **kw).float() - ref.float()).abs().max())
+            us = median_us(lambda kw=kw: [masked_softmax(logits, pad, 0.0625, **kw) for _ in range(layers)], layers)
+            out["configs"][f"r{block_r}_w{warps}"] = {"us": round(us, 2), "max_abs": err}
+    print("softmax:", json.dumps(out), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--attention-only", action="store_true", help="skip the GEMM shapes")
     p.add_argument("--triton", action="store_true", help="only the Triton prefix attention against the engine's path")
+    p.add_argument("--softmax", action="store_true", help="only the Triton masked softmax against inductor's")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     res: dict[str, Any] = {"env": environment()}
-    if args.triton:
+    if args.softmax:
+        res["softmax"] = triton_softmax()
+    elif args.triton:
         res["triton_prefix_attention"] = triton_prefix_attention()
     elif not args.attention_only:
         res["gemms"] = gemms()
-    if not args.triton:
+    if not (args.triton or args.softmax):
         res["prefix_attention"] = prefix_attention()
     if args.out:
         with open(args.out, "w") as f:

@@ -166,3 +166,9 @@ def test_gelu_epilogue_matches_separate_gelu_on_cuda(pad) -> None:
     ref = model.embed_images(images)
     for fast in (fused, plain):
         assert (fast.vision(images) - ref).abs().max() <= 1e-4
+
+
+def test_multi_kernel_needs_the_default_mode() -> None:
+    assert CompileOptions(multi_kernel=True).mode == "default"
+    with pytest.raises(ValueError, match="multi_kernel needs mode='default', not 'max-autotune'"):
+        CompileOptions(multi_kernel=True, mode="max-autotune")

@@ -1,4 +1,5 @@
-"""The Triton prefix attention (`triton_prefix`) matches the eager math: the kernel alone and inside `FastPi05`.
+"""The Triton prefix attention (`triton_prefix`) and softmax (`triton_softmax`) match the eager math: each kernel alone
+and inside `FastPi05`.
 
 Without CUDA the kernel runs in Triton's interpreter (fp32: the interpreter has no bf16 scalars), which must be on when
 Triton itself is imported: this module sets it, or reruns its tests in a fresh process if Triton came in earlier.
@@ -22,6 +23,7 @@ _SET_HERE = interp.turn_on()
 from pi05eval.bench import libero_inputs, random_model  # noqa: E402
 from pi05eval.engines.fast import FastPi05, Shortcuts  # noqa: E402
 from pi05eval.kernels.prefix_attention_triton import prefix_attention, prefix_attention_kernel  # noqa: E402
+from pi05eval.kernels.softmax_triton import attention_masked_softmax  # noqa: E402
 from pi05eval.model.attention import apply_rope, attention, rope_cos_sin  # noqa: E402
 
 interp.turn_off(_SET_HERE)
@@ -85,5 +87,26 @@ def test_triton_prefix_keeps_fp32_actions() -> None:
     model = random_model("tiny", DEVICE, seed=3).set_precision("fp32")
     inputs = [t.to(DEVICE) for t in libero_inputs(model.cfg, batch=2, prompt_len=23, seed=5)]
     ref = model.sample_actions(*inputs, num_steps=2)
-    out = FastPi05(model, 2, Shortcuts(triton_prefix=True)).sample(*inputs)
+    out = FastPi05(model, 2, Shortcuts(triton_prefix=True, triton_softmax=False)).sample(*inputs)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("batch", "p"), [(1, 45), (2, 45), (2, 32)])
+def test_masked_softmax_matches_eager_attention(batch, p) -> None:
+    """The softmax kernel between the two GEMMs: all rows (pad rows get the reference's uniform average too); a row
+    of 45 keys as 32 + 16 columns, of 32 as one block."""
+    heads, kv, hd = 4, 2, 16
+    (_, k, v, pad, _, _), q_rot, _, ref = _case(batch, p, heads, kv, hd, seed=batch)
+    q_heads = q_rot.view(batch, p, heads, hd).transpose(1, 2)  # [B, H, P, hd]
+    out = attention_masked_softmax(q_heads, k[:, :, :p], v[:, :, :p], pad, hd**-0.5).cpu()
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
+
+
+def test_triton_softmax_keeps_fp32_actions() -> None:
+    torch.set_float32_matmul_precision("highest")
+    model = random_model("tiny", DEVICE, seed=3).set_precision("fp32")
+    inputs = [t.to(DEVICE) for t in libero_inputs(model.cfg, batch=2, prompt_len=23, seed=5)]
+    inputs[1][0, 0] = False  # element 0's first camera masked, kept for element 1
+    ref = model.sample_actions(*inputs, num_steps=2)
+    out = FastPi05(model, 2, Shortcuts(triton_softmax=True)).sample(*inputs)
     assert (out - ref).abs().max() <= 1e-5

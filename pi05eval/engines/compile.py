@@ -48,6 +48,14 @@ class CompileOptions:
     # the denoise step as hand-fused Triton kernels (engines/triton_denoise.py) on CUDA; where they cannot run
     # (CPU, quantized expert layers, shortcuts off) the compiled step is used instead
     triton_denoise: bool = True
+    # inductor's multi-kernel reductions: each wide row reduction (norms) is generated both as one pass and as a loop,
+    # the faster picked on the first call (the graphs are captured after it); not with mode="max-autotune*". On an
+    # H200: vision 1.76 -> 1.72 ms, prefill 4.00 -> 3.95 ms, same build time
+    multi_kernel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.multi_kernel and self.mode != "default":
+            raise ValueError(f"multi_kernel needs mode='default', not {self.mode!r} (a mode or options, not both)")
 
 
 class _Graphs:
@@ -141,7 +149,11 @@ class CompiledEngine(BucketedEngine):
         self.cache_loaded = self._load_cache() if options.compile else False
 
         def wrap(fn):
-            return torch.compile(fn, mode=options.mode, dynamic=False, fullgraph=True) if options.compile else fn
+            if not options.compile:
+                return fn
+            if options.multi_kernel:
+                return torch.compile(fn, options={"triton.multi_kernel": 1}, dynamic=False, fullgraph=True)
+            return torch.compile(fn, mode=options.mode, dynamic=False, fullgraph=True)
 
         self.vision, self.prefill, self._update = (
             wrap(self.fast.vision),
@@ -172,6 +184,7 @@ class CompiledEngine(BucketedEngine):
             asdict(shortcuts),
             batch,
             self.options.mode,
+            self.options.multi_kernel,
             self.options.triton_denoise and self.device.type == "cuda" and batch <= TRITON_MAX_BATCH,
             gpu,
             torch.__version__,

@@ -28,7 +28,9 @@ itself stays plain. Each shortcut can be switched off for A/B:
 * `triton_prefix` on CUDA (or in Triton's interpreter), the prefix attention and the queries' RoPE as one Triton kernel
                   (`pi05eval/kernels/prefix_attention_triton.py`, flash style): q is rotated on load, padding tokens
                   are masked as keys only (their own rows never reach a valid token), output in the O projection's
-                  layout. Tiles: `prefix_attention_triton.TILES`.
+                  layout. Tiles: `prefix_attention_triton.TILES`;
+* `triton_softmax` on CUDA (or in Triton's interpreter), the prefix attention's softmax (scale, pad x pad mask, fp32
+                  softmax, rounding) as one Triton pass between the two GEMMs (`kernels/softmax_triton.py`).
 
 The stages take only tensors and Python constants so `engines/compile.py` can compile and graph-capture them.
 """
@@ -60,6 +62,7 @@ class Shortcuts:
     pad_vision_mlp: bool = True
     gelu_epilogue: bool = True
     rope_table: bool = True
+    triton_softmax: bool = True
     triton_prefix: bool = False  # measured slower on an H200 (28 vs 23.5 µs per layer): off by default
 
 
@@ -226,25 +229,14 @@ class FastPi05:
         pad = torch.cat([img_mask.repeat_interleave(cfg.num_patches, dim=1), token_mask], dim=1)  # [B, P]
         positions = torch.cumsum(pad.to(torch.int64), dim=1) - 1
         cos, sin = self._rope(positions, x.dtype)
-        mask = pad[:, None, :] & pad[:, :, None]  # [B, P, P]
-        if self.s.sdpa_prefix:
-            mask = mask | torch.eye(pad.shape[1], dtype=torch.bool, device=pad.device)  # pad rows: self only
         b, p = pad.shape
         h_act = cfg.action_horizon
         extra = h_act if self.s.static_kv else 0
         kv_shape = (cfg.depth, b, cfg.num_kv_heads, p + extra, cfg.head_dim)
         ks = torch.zeros(kv_shape, dtype=x.dtype, device=x.device)
         vs = torch.zeros(kv_shape, dtype=x.dtype, device=x.device)
+        attend = self._prefix_attention(pad, cos, sin)
         last = cfg.depth - 1
-        triton_attn = self.s.triton_prefix and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-        if triton_attn:
-            from pi05eval.kernels import prefix_attention_triton as pa
-
-            tiles = pa.TILES
-            scratch = None
-            if tiles["split"] > 1:
-                shape = (b, p, cfg.num_heads, cfg.head_dim, tiles["block_m"], tiles["split"], x.device)
-                scratch = pa.PrefixAttentionScratch(*shape)
         for i, (layer, proj) in enumerate(zip(m.llm.layers, self.llm, strict=True)):
             h = layer.attn_norm(x)
             q, k, v = proj.qkv(h)
@@ -254,20 +246,41 @@ class FastPi05:
             vs[i, :, :, :p] = v
             if i == last:
                 break  # the last layer's output feeds nothing the actions use
-            if triton_attn:
-                att = pa.prefix_attention(q, ks[i], vs[i], pad, cfg.head_dim**-0.5, cos, sin, **tiles, scratch=scratch)
-                x = x + proj.attn.o_proj(att)
-                x = x + proj.geglu(layer.mlp_norm(x))
-                continue
-            q = apply_rope(_heads(q, cfg.num_heads, cfg.head_dim), cos, sin)
-            if self.s.sdpa_prefix:
-                att = sdpa_attention(q, k, v, mask)
-            else:
-                att = attention(q, k, v, mask, cfg.head_dim**-0.5)
-            x = x + proj.attn.o_proj(att)
+            x = x + proj.attn.o_proj(attend(q, k, v, ks[i], vs[i]))
             x = x + proj.geglu(layer.mlp_norm(x))
         key_mask = torch.cat([pad, pad.new_ones(b, h_act)], dim=1)[:, None]  # [B, 1, P + H]
         return ks, vs, key_mask
+
+    def _prefix_attention(self, pad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The prefix attention the shortcuts pick, for pad [B, P] and the RoPE tables -> attend(q, k, v, k_cache,
+        v_cache) -> [B, P, H * hd], with q [B, P, H * hd] before RoPE, k (rotated) and v [B, KV, P, hd] and this
+        layer's caches [B, KV, >= P, hd] holding them."""
+        cfg = self.cfg
+        scale = cfg.head_dim**-0.5
+        triton_ok = pad.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        if self.s.triton_prefix and triton_ok:
+            from pi05eval.kernels import prefix_attention_triton as pa
+
+            tiles, b, p = pa.TILES, *pad.shape
+            scratch = None
+            if tiles["split"] > 1:
+                shape = (b, p, cfg.num_heads, cfg.head_dim, tiles["block_m"], tiles["split"], pad.device)
+                scratch = pa.PrefixAttentionScratch(*shape)
+            kw = {**tiles, "scratch": scratch}
+            return lambda q, k, v, kc, vc: pa.prefix_attention(q, kc, vc, pad, scale, cos, sin, **kw)
+
+        def rotated(q: torch.Tensor) -> torch.Tensor:
+            return apply_rope(_heads(q, cfg.num_heads, cfg.head_dim), cos, sin)  # [B, H, P, hd]
+
+        if self.s.triton_softmax and triton_ok and not self.s.sdpa_prefix:
+            from pi05eval.kernels.softmax_triton import attention_masked_softmax
+
+            return lambda q, k, v, kc, vc: attention_masked_softmax(rotated(q), k, v, pad, scale)
+        mask = pad[:, None, :] & pad[:, :, None]  # [B, P, P]
+        if self.s.sdpa_prefix:
+            mask = mask | torch.eye(pad.shape[1], dtype=torch.bool, device=pad.device)  # pad rows: self only
+            return lambda q, k, v, kc, vc: sdpa_attention(rotated(q), k, v, mask)
+        return lambda q, k, v, kc, vc: attention(rotated(q), k, v, mask, scale)
 
     def denoise(
         self, noise: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, key_mask: torch.Tensor, update=None
