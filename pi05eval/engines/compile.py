@@ -50,8 +50,9 @@ class CompileOptions:
     triton_denoise: bool = True
     # inductor's multi-kernel reductions: each wide row reduction (norms) is generated both as one pass and as a loop,
     # the faster picked on the first call (the graphs are captured after it); not with mode="max-autotune*". On an
-    # H200: vision 1.76 -> 1.72 ms, prefill 4.00 -> 3.95 ms, same build time
-    multi_kernel: bool = True
+    # H200: vision 1.76 -> 1.72 ms, prefill 4.00 -> 3.95 ms, same build time; but a second process that loads the
+    # compile cache fails in inductor (torch 2.11), so it is off by default
+    multi_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.multi_kernel and self.mode != "default":
