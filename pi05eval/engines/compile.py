@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pi05eval.engines.fast import BucketedEngine, FastPi05, Shortcuts
+from pi05eval.engines.bucketed import BucketedEngine
+from pi05eval.engines.fast import FastPi05, Shortcuts
 from pi05eval.model.pi05 import Pi05Model
 from pi05eval.policy.bundle import cache_root
 

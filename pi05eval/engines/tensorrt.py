@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from pi05eval.engines.bucketed import BucketedEngine
 from pi05eval.engines.export import (
     STAGES,
     enabled_precisions_for,
@@ -51,7 +52,7 @@ from pi05eval.engines.export import (
     stage_inputs,
     weights_fingerprint,
 )
-from pi05eval.engines.fast import BucketedEngine, FastPi05, Shortcuts
+from pi05eval.engines.fast import FastPi05, Shortcuts
 from pi05eval.policy.bundle import cache_root
 from pi05eval.precision.plan import MIN_CAPABILITY
 
