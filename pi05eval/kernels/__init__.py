@@ -1,5 +1,5 @@
-"""Hand-written Triton kernels of the denoise step, and the prefix attention (`prefix_attention_triton`, imported on
-its own). Imports Triton: import only where Triton is installed."""
+"""Hand-written Triton kernels of the denoise step; the prefix attention's (`softmax_triton`, `prefix_attention_triton`)
+are imported on their own. Imports Triton: import only where Triton is installed."""
 
 from pi05eval.kernels.attention_triton import AttentionScratch, launch_attention
 from pi05eval.kernels.config import ExpertKernelConfig, interleave_gate_up, interleave_halves, resolve

@@ -50,8 +50,7 @@ def masked_softmax_kernel(
     P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     MAIN: tl.constexpr,  # the largest power of two <= S: columns [0, MAIN)
-    TAIL: tl.constexpr,  # a power of two >= S - MAIN: columns [MAIN, MAIN + TAIL) (0: none), less padding than
-    # one block of next_power_of_2(S)
+    TAIL: tl.constexpr,  # the next power of two >= S - MAIN: columns [MAIN, MAIN + TAIL); 0: none
 ):
     act = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
