@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 from typing import Any
 
@@ -145,31 +146,24 @@ def triton_prefix_attention() -> dict[str, Any]:
         ),
         "configs": {},
     }
-    best = None
-    for bn in (32, 64):
-        for warps in (4, 8):
-            for stages in (2, 3):
-                for split in (1, 2, 3, 4):
-                    kw = {"block_m": 64, "block_n": bn, "warps": warps, "stages": stages, "split": split}
-                    name = f"bn{bn}_w{warps}_s{stages}_split{split}"
-                    try:
-                        got = triton_attention(q, k, v, pad, hd**-0.5, cos, sin, **kw)
-                        err = float((got - ref)[:, :valid].abs().max())
-                        scratch = PrefixAttentionScratch(1, p, heads, hd, 64, split, q.device)
-                        us = median_us(
-                            lambda kw=kw, sc=scratch: [
-                                triton_attention(q, k, v, pad, hd**-0.5, cos, sin, **kw, scratch=sc)
-                                for _ in range(layers)
-                            ],
-                            layers,
-                        )
-                    except Exception as e:  # out of shared memory or registers: record it, go on
-                        out["configs"][name] = {"error": str(e).splitlines()[0][:200]}
-                        continue
-                    out["configs"][name] = {"us": round(us, 2), "max_abs_valid_rows": err}
-                    print(name, out["configs"][name], flush=True)
-                    if best is None or us < out["configs"][best]["us"]:
-                        best = name
+    for bn, warps, stages, split in itertools.product((32, 64), (4, 8), (2, 3), (1, 2, 3, 4)):
+        kw = {"block_m": 64, "block_n": bn, "warps": warps, "stages": stages, "split": split}
+        name = f"bn{bn}_w{warps}_s{stages}_split{split}"
+        scratch = PrefixAttentionScratch(1, p, heads, hd, 64, split, q.device)
+
+        def run(kw=kw, sc=scratch):
+            return triton_attention(q, k, v, pad, hd**-0.5, cos, sin, **kw, scratch=sc)
+
+        try:
+            err = float((run() - ref)[:, :valid].abs().max())
+            us = median_us(lambda run=run: [run() for _ in range(layers)], layers)
+        except Exception as e:  # out of shared memory or registers: record it, go on
+            out["configs"][name] = {"error": str(e).splitlines()[0][:200]}
+            continue
+        out["configs"][name] = {"us": round(us, 2), "max_abs_valid_rows": err}
+        print(name, out["configs"][name], flush=True)
+    timed = {n: c["us"] for n, c in out["configs"].items() if "us" in c}
+    best = min(timed, key=timed.get) if timed else None
     out["best"] = best
     out["ref_abs_max"] = float(ref.abs().max())
     log = (out["rope_math_compiled_us_per_layer"], best, out["configs"].get(best))
@@ -219,9 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["softmax"] = triton_softmax()
     elif args.triton:
         res["triton_prefix_attention"] = triton_prefix_attention()
-    elif not args.attention_only:
-        res["gemms"] = gemms()
-    if not (args.triton or args.softmax):
+    else:
+        if not args.attention_only:
+            res["gemms"] = gemms()
         res["prefix_attention"] = prefix_attention()
     if args.out:
         with open(args.out, "w") as f:

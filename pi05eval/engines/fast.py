@@ -257,6 +257,7 @@ class FastPi05:
         cfg = self.cfg
         scale = cfg.head_dim**-0.5
         triton_ok = pad.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        pad_u8 = pad.to(torch.uint8) if triton_ok else pad  # the kernels' mask, converted once for all layers
         if self.s.triton_prefix and triton_ok:
             from pi05eval.kernels import prefix_attention_triton as pa
 
@@ -266,7 +267,7 @@ class FastPi05:
                 shape = (b, p, cfg.num_heads, cfg.head_dim, tiles["block_m"], tiles["split"], pad.device)
                 scratch = pa.PrefixAttentionScratch(*shape)
             kw = {**tiles, "scratch": scratch}
-            return lambda q, k, v, kc, vc: pa.prefix_attention(q, kc, vc, pad, scale, cos, sin, **kw)
+            return lambda q, k, v, kc, vc: pa.prefix_attention(q, kc, vc, pad_u8, scale, cos, sin, **kw)
 
         def rotated(q: torch.Tensor) -> torch.Tensor:
             return apply_rope(_heads(q, cfg.num_heads, cfg.head_dim), cos, sin)  # [B, H, P, hd]
@@ -274,7 +275,7 @@ class FastPi05:
         if self.s.triton_softmax and triton_ok and not self.s.sdpa_prefix:
             from pi05eval.kernels.softmax_triton import attention_masked_softmax
 
-            return lambda q, k, v, kc, vc: attention_masked_softmax(rotated(q), k, v, pad, scale)
+            return lambda q, k, v, kc, vc: attention_masked_softmax(rotated(q), k, v, pad_u8, scale)
         mask = pad[:, None, :] & pad[:, :, None]  # [B, P, P]
         if self.s.sdpa_prefix:
             mask = mask | torch.eye(pad.shape[1], dtype=torch.bool, device=pad.device)  # pad rows: self only

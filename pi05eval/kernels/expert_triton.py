@@ -305,19 +305,35 @@ def launch_norm_gemm(
     cos/sin [B, 1, horizon, head_dim]; split > 1: ws fp32 [>= split * grid_m * BLOCK_M * N], counters int32 zeros
     [>= grid_m * N / bn] (as `launch_gemm_residual`); prefetch: a tensor to pull into L2 (a later kernel's weight).
     """
-    m, d = h.shape
-    n = w.shape[0]
-    bm = block_m(m, NORM_BLOCK_M)  # batch > 1: more programs along M, each loading the weight tile (L2 hits)
-    rope = cos is not None
-    cs = cos if rope else h
-    grid = (n // bn, split, triton.cdiv(m, bm))
+    grid, args, consts = norm_gemm_args(
+        h, mod, w, out, ws, counters, horizon, eps, bn, split, cos, sin, head_dim, rope_cols
+    )
     norm_gemm_kernel[grid](
-        h, mod, w, out, ws, counters, cs, sin if rope else h, m, horizon, cs.stride(0) if rope else 0,
-        cs.stride(2) if rope else 0, eps, **prefetch_args(prefetch, w, grid[0] * grid[1] * grid[2], warps, prefetch_at),
-        D=d, N=n, OUT_N=out.shape[1], HD=head_dim if rope else 2,
-        ROPE_N=rope_cols, GEGLU=not rope, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=dot_precision(w.dtype),
+        *args, **prefetch_args(prefetch, w, grid[0] * grid[1] * grid[2], warps, prefetch_at), **consts,
         MOD_LATE=mod_late, num_warps=warps, **pdl_options(pdl),
     )  # fmt: skip
+
+
+def norm_gemm_args(
+    h: torch.Tensor, mod: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ws: torch.Tensor, counters: torch.Tensor,
+    horizon: int, eps: float, bn: int, split: int, cos: torch.Tensor | None, sin: torch.Tensor | None, head_dim: int,
+    rope_cols: int,
+) -> tuple[tuple[int, int, int], tuple, dict]:  # fmt: skip
+    """Grid, runtime arguments and shared constexprs of the norm-GEMM kernels (`launch_norm_gemm` and the streaming
+    variant): rows per program along M (batch > 1: more programs, each loading the weight tile, L2 hits), RoPE
+    tables or placeholders."""
+    m, d = h.shape
+    n = w.shape[0]
+    bm = block_m(m, NORM_BLOCK_M)
+    rope = cos is not None
+    cs = cos if rope else h
+    strides = (cs.stride(0), cs.stride(2)) if rope else (0, 0)
+    args = (h, mod, w, out, ws, counters, cs, sin if rope else h, m, horizon, *strides, eps)
+    consts = {
+        "D": d, "N": n, "OUT_N": out.shape[1], "HD": head_dim if rope else 2, "ROPE_N": rope_cols, "GEGLU": not rope,
+        "SPLIT_K": split, "BLOCK_M": bm, "BLOCK_N": bn, "DOT_PREC": dot_precision(w.dtype),
+    }  # fmt: skip
+    return (n // bn, split, triton.cdiv(m, bm)), args, consts
 
 
 def launch_gemm_residual(

@@ -183,7 +183,7 @@ def prefix_attention(
     rope = cos is not None
     if rope:
         cos, sin = cos.reshape(b, p, hd).contiguous(), sin.reshape(b, p, hd).contiguous()
-    mask = pad.to(torch.uint8)
+    mask = pad.to(torch.uint8)  # no copy for a uint8 pad
     out = torch.empty(b, p, qw, dtype=q.dtype, device=q.device)
     n_blocks = triton.cdiv(p, block_n)
     split = min(split, n_blocks)

@@ -86,7 +86,7 @@ def masked_softmax(
     x = logits.reshape(-1, p)  # a view for contiguous leading dims
     rows = x.shape[0]
     out = torch.empty(rows, p, dtype=logits.dtype, device=logits.device)
-    mask = pad.to(torch.uint8)
+    mask = pad.to(torch.uint8)  # no copy for a uint8 pad
     main = 1 << (p.bit_length() - 1)  # the largest power of two <= P
     tail = triton.next_power_of_2(p - main) if p > main else 0
     masked_softmax_kernel[(triton.cdiv(rows, block_r),)](

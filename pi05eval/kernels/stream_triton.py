@@ -21,7 +21,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pi05eval.kernels.expert_triton import (
-    NORM_BLOCK_M,
     _pair_epilogue,
     _residual_epilogue,
     _rnd,
@@ -29,6 +28,7 @@ from pi05eval.kernels.expert_triton import (
     _split_k_total,
     block_m,
     dot_precision,
+    norm_gemm_args,
     norm_slice,
     pdl_options,
 )
@@ -202,16 +202,12 @@ def launch_norm_gemm_stream(
     rope_cols: int = 0,
 ) -> None:
     """As `launch_norm_gemm` (same arguments and result), streaming the weight in bk-wide chunks."""
-    m, d = h.shape
-    n = w.shape[0]
-    bm = block_m(m, NORM_BLOCK_M)
-    rope = cos is not None
-    cs = cos if rope else h
-    norm_gemm_stream_kernel[(n // bn, split, triton.cdiv(m, bm))](
-        h, mod, w, out, ws, counters, cs, sin if rope else h, m, horizon, cs.stride(0) if rope else 0,
-        cs.stride(2) if rope else 0, eps, D=d, N=n, OUT_N=out.shape[1], HD=head_dim if rope else 2,
-        ROPE_N=rope_cols, GEGLU=not rope, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_chunk(d // split, bk),
-        STAGES=stages, PRE=1, SWAP=swap, DOT_PREC=dot_precision(w.dtype), num_warps=warps, **pdl_options(pdl),
+    grid, args, consts = norm_gemm_args(
+        h, mod, w, out, ws, counters, horizon, eps, bn, split, cos, sin, head_dim, rope_cols
+    )
+    norm_gemm_stream_kernel[grid](
+        *args, **consts, BLOCK_K=_chunk(h.shape[1] // split, bk), STAGES=stages, PRE=1, SWAP=swap, num_warps=warps,
+        **pdl_options(pdl),
     )  # fmt: skip
 
 
