@@ -1,6 +1,6 @@
 """GPU A/B of inductor settings on the compiled vision and prefill stages (`FastPi05`, bf16, batch 1).
 
-    PYTHONPATH=$PWD python scripts/bench_inductor_knobs.py OUT.json
+    PYTHONPATH=$PWD python scripts/bench_inductor_knobs.py OUT.json [SETTING ...]   # default: all settings
 
 Settings: inductor's defaults; one-pass row reductions up to 2048 wide (`WideRowChoices`);
 `triton.multi_kernel` (both reduction forms generated, the faster picked at run time: the engine's default since
@@ -56,8 +56,22 @@ SETTINGS = {  # name: (inductor config patch, one-pass rows up to 2048)
     "wide_row_reductions": ({}, True),
     "multi_kernel": ({"triton.multi_kernel": 1}, False),
     "wide_rows_and_multi_kernel": ({"triton.multi_kernel": 1}, True),
+    # Triton kernels as programmatic dependent launches: each loads what its predecessor does not write, then waits
+    "pdl": ({"triton.enable_pdl": True}, False),
+    "combo_kernels": ({"combo_kernels": True}, False),  # independent kernels launched as one (horizontal fusion)
+    "max_autotune_pointwise": ({"max_autotune_pointwise": True}, False),  # tile configs of non-GEMM kernels tried
+    "aggressive_fusion": ({"aggressive_fusion": True}, False),
     "default_again": ({}, False),
 }
+
+
+def _has_setting(key: str) -> bool:
+    obj: Any = inductor_config
+    for part in key.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
 
 
 def main() -> None:
@@ -69,8 +83,18 @@ def main() -> None:
     tokens = torch.randint(3, 1000, (1, 32), device=dev)
     token_mask = torch.arange(32, device=dev)[None] < 30
     res: dict = {"env": environment()}
+    names = sys.argv[2:] or list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}; choose from {sorted(SETTINGS)}")
     with torch.no_grad():
-        for name, (knobs, wide_rows) in SETTINGS.items():
+        for name in names:
+            knobs, wide_rows = SETTINGS[name]
+            missing = [k for k in knobs if not _has_setting(k)]
+            if missing:
+                res[name] = {"skipped": f"this torch's inductor has no setting {missing}"}
+                print(name, res[name], flush=True)
+                continue
             torch._dynamo.reset()
             choices = WideRowChoices() if wide_rows else InductorChoices()
             with torch._inductor.config.patch({"fx_graph_cache": False, **knobs}), V.set_choices_handler(choices):

@@ -76,8 +76,10 @@ def _inputs(model, batch: int, prefix_len: int, static_kv: bool, seed: int):
         (1, 16, False, {"stream": True, "qkv_split": 2, "gu_bk": 16, "o_split": 2, "down_bk": 32, "swap": False}),
         (2, 32, True, {"stream": True, "gu_split": 2, "qkv_bk": 32, "down_split": 4, "o_bk": 16, "stages": 2}),
         (1, 16, False, {"prefetch": 2, "att_prefetch": 2, "prefetch_at": 1, "o_split": 2}),  # CPU: prefetch skipped
+        (1, 16, False, {"tma": True, "o_split": 2, "down_split": 4, "down_bk": 16, "gu_bn": 32, "qkv_bk": 16}),
+        (2, 32, True, {"tma": True, "o_split": 1, "gu_bk": 32, "down_bn": 16}),
     ],
-    ids=["b1", "b2_hd32_static_kv", "stream_b1", "stream_b2", "l2_prefetch"],
+    ids=["b1", "b2_hd32_static_kv", "stream_b1", "stream_b2", "l2_prefetch", "tma_b1", "tma_b2_static_kv"],
 )
 def test_update_matches_fast_path(request, batch, head_dim, static_kv, kernel_cfg) -> None:
     if not IN_PROCESS:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 
@@ -49,6 +50,7 @@ from pi05eval.kernels import (
     resolve,
 )
 from pi05eval.kernels.stream_triton import launch_gemm_residual_stream, launch_norm_gemm_stream
+from pi05eval.kernels.tma_triton import TmaWeight, launch_gemm_residual_tma, launch_norm_gemm_tma
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +140,25 @@ class TritonDenoise:
         dev = self.device
         hopper = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
         self.pdl = out.pdl and hopper
-        if (out.prefetch or out.att_prefetch) and out.stream:
-            raise ValueError("prefetch is not implemented for the stream kernels (stream=True)")
+        if (out.prefetch or out.att_prefetch) and (out.stream or out.tma):
+            raise ValueError("prefetch is not implemented for the stream or TMA kernels (stream=True, tma=True)")
+        if out.tma and (out.stream or out.qkv_split != 1 or out.gu_split != 1):
+            raise ValueError("tma=True needs stream=False and whole-row norm kernels (qkv_split = gu_split = 1)")
+        if out.tma and dev.type == "cuda" and not hopper:
+            raise ValueError("tma=True needs a Hopper or newer GPU (TMA copies)")
         # (kernel, layer) -> its launcher's prefetch arguments; bulk L2 prefetch is an sm_90 instruction
         self._prefetch = self._prefetch_schedule(out, hopper)
-        # the GEMM launchers of this config and their design-specific arguments per kernel
-        if out.stream:
+        # the GEMM launchers of this config, their weights and design-specific arguments per kernel
+        self._weights = {"qkv": self.wqkv, "o": self.wo, "gu": self.wgu, "down": self.wd}
+        if out.tma:
+            self._gemm_launchers = (_tma_norm_gemm, _tma_gemm_residual)
+            self._weights = {
+                k: [TmaWeight(w, getattr(out, f"{k}_bn"), getattr(out, f"{k}_split"), getattr(out, f"{k}_bk"))
+                    for w in self._weights[k]]
+                for k in ("qkv", "o", "gu", "down")
+            }  # fmt: skip
+            self._gemm_tiles = {k: {} for k in ("qkv", "o", "gu", "down")}
+        elif out.stream:
             self._gemm_launchers = (launch_norm_gemm_stream, launch_gemm_residual_stream)
             self._gemm_tiles = {
                 k: {"bk": getattr(out, f"{k}_bk"), "stages": out.stages, "swap": out.swap}
@@ -255,13 +270,13 @@ class TritonDenoise:
         d, hd, heads, kv = cfg.expert_width, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         pdl, tiles = self.pdl, self._gemm_tiles
         norm_gemm, gemm_residual = self._gemm_launchers
-        pf = self._prefetch
+        pf, wts = self._prefetch, self._weights
         launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
         for i in range(cfg.depth):
             mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
             if "qkv" in kernels:
                 norm_gemm(
-                    sc.h, mod_attn, self.wqkv[i], sc.qkv, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
+                    sc.h, mod_attn, wts["qkv"][i], sc.qkv, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
                     bn=c.qkv_bn, split=c.qkv_split, warps=c.qkv_warps, pdl=pdl, cos=cos, sin=sin, head_dim=hd,
                     rope_cols=(heads + kv) * hd, **tiles["qkv"], **pf["qkv", i],
                 )  # fmt: skip
@@ -273,17 +288,33 @@ class TritonDenoise:
                 )  # fmt: skip
             if "o" in kernels:
                 gemm_residual(
-                    sc.att, self.wo[i], sc.h, mod_attn[2 * d :], sc.ws, sc.counters, bn=c.o_bn, split=c.o_split,
+                    sc.att, wts["o"][i], sc.h, mod_attn[2 * d :], sc.ws, sc.counters, bn=c.o_bn, split=c.o_split,
                     warps=c.o_warps, pdl=pdl, **tiles["o"], **pf["o", i],
                 )  # fmt: skip
             if "gu" in kernels:
                 norm_gemm(
-                    sc.h, mod_mlp, self.wgu[i], sc.act, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
+                    sc.h, mod_mlp, wts["gu"][i], sc.act, sc.ws, sc.counters, horizon=horizon, eps=self.eps,
                     bn=c.gu_bn, split=c.gu_split, warps=c.gu_warps, pdl=pdl, **tiles["gu"], **pf["gu", i],
                 )  # fmt: skip
             if "down" in kernels:
                 gemm_residual(
-                    sc.act, self.wd[i], sc.h, mod_mlp[2 * d :], sc.ws, sc.counters, bn=c.down_bn,
+                    sc.act, wts["down"][i], sc.h, mod_mlp[2 * d :], sc.ws, sc.counters, bn=c.down_bn,
                     split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles["down"], **pf["down", i],
                 )  # fmt: skip
         return sc.h
+
+
+def _tma_norm_gemm(
+    h: torch.Tensor, mod: torch.Tensor, w: TmaWeight, out: torch.Tensor, ws: torch.Tensor, counters: torch.Tensor,
+    *, bn: int, split: int, **kw: Any,
+) -> None:  # fmt: skip
+    """`launch_norm_gemm_tma` behind `launch_norm_gemm`'s signature (tiles are the re-laid weight's; no split-K)."""
+    launch_norm_gemm_tma(h, mod, w, out, **kw)
+
+
+def _tma_gemm_residual(
+    a: torch.Tensor, w: TmaWeight, h: torch.Tensor, gate: torch.Tensor, ws: torch.Tensor, counters: torch.Tensor,
+    *, bn: int, split: int, **kw: Any,
+) -> None:  # fmt: skip
+    """`launch_gemm_residual_tma` behind `launch_gemm_residual`'s signature (tiles are the re-laid weight's)."""
+    launch_gemm_residual_tma(a, w, h, gate, ws, counters, **kw)

@@ -27,7 +27,8 @@ class ExpertKernelConfig:
     dependent launch (Hopper+). prefetch: every GEMM kernel pulls into L2 the weight of the GEMM `prefetch` GEMMs
     later (0: off; Hopper+, not with stream); att_prefetch: the attention kernel pulls in the weight of the GEMM
     `att_prefetch` GEMMs after it (1: O, 2: gate|up); prefetch_at: where in the kernel (0 start, 1 after the wait,
-    2 end).
+    2 end). tma: the GEMMs as `tma_triton`'s kernels, which copy a program's weight tile into shared memory (one TMA
+    box of *_bk-wide chunks) before the wait; the norm kernels then need qkv_split = gu_split = 1 (Hopper+).
     Defaults: the best of a coordinate-descent sweep on an H200 (scripts/bench_triton_denoise.py).
     """
 
@@ -60,6 +61,7 @@ class ExpertKernelConfig:
     prefetch: int = 0
     att_prefetch: int = 0
     prefetch_at: int = 0
+    tma: bool = False
 
 
 def _pow2_at_most(value: int, limit: int) -> int:
