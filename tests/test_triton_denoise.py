@@ -132,3 +132,25 @@ def test_prefetch_chunks_cover_the_weight_in_aligned_pieces() -> None:
     model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
     with pytest.raises(ValueError, match="stream"):
         TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(stream=True, att_prefetch=1))
+
+
+def test_tma_relay_puts_each_programs_chunks_in_one_box() -> None:
+    from pi05eval.kernels.tma_triton import relay_tiles, tile_chunk
+
+    w = torch.arange(64 * 96, dtype=torch.float32).view(64, 96)
+    bn, split, bk, nch = 16, 2, 16, 3  # K slices of 48 columns, 3 chunks each
+    relaid = relay_tiles(w, bn, split, bk)
+    assert relaid.shape == (64 * 96 // bk, bk)
+    for tile in range(64 // bn):
+        for s in range(split):
+            box = relaid[(tile * split + s) * nch * bn :][: nch * bn]  # what program (tile, s) copies
+            for c in range(nch):
+                cols = slice(s * 48 + c * bk, s * 48 + (c + 1) * bk)
+                assert torch.equal(box[c * bn : (c + 1) * bn], w[tile * bn : (tile + 1) * bn, cols])
+    assert tile_chunk(1024, 64, 64) == 256  # 4 chunks of 64 rows fill one 256 x 256 box
+    assert tile_chunk(256, 64, 128) == 128
+    with pytest.raises(ValueError, match="no TMA box"):
+        tile_chunk(2048, 64, 256)
+    model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
+    with pytest.raises(ValueError, match="qkv_split = gu_split = 1"):
+        TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(tma=True, qkv_split=2))

@@ -7,9 +7,14 @@ there (Hopper's wgmma): ~40-90 registers per thread, and the next kernel's progr
 
 A TMA box is at most 256 elements per side, so the weight is re-laid once (`relay_tiles`): the K slice of a program
 (its whole row for the norm kernel, a split of it for the residual one) is cut into NCH chunks of BLOCK_K columns
-stacked as rows, [NCH * BLOCK_N, BLOCK_K], one box. The activation is loaded the same way, its NCH chunks side by
-side as columns, [BLOCK_K, NCH * BLOCK_M]; one MMA gives every (weight chunk, activation chunk) product and the
-diagonal blocks summed are the tile's result (`_diagonal_sum`; the off-diagonal work is ~10 rows wide, cheap).
+stacked as rows, [NCH * BLOCK_N, BLOCK_K], one box. The activation rows, loaded after the wait, are re-arranged into
+their NCH chunks side by side, [BLOCK_K, NCH * BLOCK_M] (`_side_by_side`); one MMA gives every (weight chunk,
+activation chunk) product and the diagonal blocks summed are the tile's result (`_diagonal_sum`; the off-diagonal
+work is ~10 rows wide, cheap).
+
+Measured on an H200 it loses (benchmarks/README.md, "Weight tiles in shared memory"): the bare GEMMs are faster than
+the register kernels', but with the epilogues the 10-step denoise takes 5.18 ms against 4.64 ms, so
+`ExpertKernelConfig.tma` is off by default.
 
 * `norm_gemm_tma_kernel`      adaRMS + GEMM + RoPE / GeGLU pairs, as `norm_gemm_kernel` (whole rows, no split-K);
 * `gemm_residual_tma_kernel`  split-K GEMM + gated residual, as `gemm_residual_kernel` (last program combines).
@@ -29,6 +34,7 @@ from pi05eval.kernels.expert_triton import (
     _rnd,
     _rope_tables,
     _split_k_total,
+    ada_rms_norm,
     block_m,
     dot_precision,
     pdl_options,
@@ -38,19 +44,10 @@ BOX = 256  # the largest TMA box side
 
 
 @triton.jit
-def _stacked_chunks(ptr, row0, M, stride, k0, NCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows row0.. of a row-major [M, stride] tensor, columns k0 + [0, NCH * BLOCK_K), as [BLOCK_K, NCH * BLOCK_M]:
-    column c * BLOCK_M + m holds chunk c of row row0 + m (rows >= M are zeros); -> (tile, its row indices)."""
-    j = tl.arange(0, NCH * BLOCK_M)
-    rows = row0 + j % BLOCK_M
-    cols = k0 + (j // BLOCK_M) * BLOCK_K
-    tile = tl.load(
-        ptr + rows[None, :] * stride + cols[None, :] + tl.arange(0, BLOCK_K)[:, None],
-        mask=(rows < M)[None, :],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    return tile, cols
+def _side_by_side(x, NCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [BLOCK_M, NCH * BLOCK_K] -> its NCH column chunks side by side, transposed: [BLOCK_K, NCH * BLOCK_M] with
+    column c * BLOCK_M + m = chunk c of row m (the MMA's B operand against the stacked weight chunks)."""
+    return tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, NCH, BLOCK_K]), [2, 1, 0]), [BLOCK_K, NCH * BLOCK_M])
 
 
 @triton.jit
@@ -99,6 +96,9 @@ def norm_gemm_tma_kernel(
     rm = row0 + tl.arange(0, BLOCK_M)
     row_ok = rm < M
     w = w_desc.load([tl.program_id(0) * NCH * BLOCK_N, 0])  # [NCH * BN, BK] into shared memory
+    rd = tl.arange(0, D)
+    scale = tl.load(mod_ptr + rd)[None, :]
+    shift = tl.load(mod_ptr + D + rd)[None, :]
     cos1, sin1, cos2, sin2 = 0.0, 0.0, 0.0, 0.0
     if not GEGLU:
         cos1, sin1, cos2, sin2 = _rope_tables(
@@ -106,16 +106,10 @@ def norm_gemm_tma_kernel(
         )
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote h) is complete
-    h, cols = _stacked_chunks(h_ptr, row0, M, D, 0, NCH, BLOCK_M, BLOCK_K)  # [BK, NCH * BM]: the whole rows
-    k = cols[None, :] + tl.arange(0, BLOCK_K)[:, None]
-    scale = tl.load(mod_ptr + k)
-    shift = tl.load(mod_ptr + D + k)
-    hf = h.to(tl.float32)
-    ss = tl.sum(tl.reshape(tl.sum(hf * hf, axis=0), [NCH, BLOCK_M]), axis=0)  # [BM] the rows' sums of squares
-    rstd = 1.0 / tl.sqrt(ss / D + eps)
-    rstd = tl.reshape(tl.broadcast_to(rstd[None, :], [NCH, BLOCK_M]), [NCH * BLOCK_M])
-    xn = (hf * rstd[None, :] * (1.0 + scale) + shift).to(act)
-    y = _diagonal_sum(tl.dot(w, xn, input_precision=DOT_PREC), NCH, BLOCK_N, BLOCK_M)
+    h = tl.load(h_ptr + rm[:, None] * D + rd[None, :], mask=row_ok[:, None], other=0.0)
+    xn = ada_rms_norm(h, mod_ptr, rd, D, eps, scale, shift, False)  # [BM, D], every program normalizes its rows
+    y = _diagonal_sum(tl.dot(w, _side_by_side(xn, NCH, BLOCK_M, BLOCK_K), input_precision=DOT_PREC), NCH, BLOCK_N,
+                      BLOCK_M)  # fmt: skip
     _pair_epilogue(_rnd(y, act), rm, row_ok, n0, out_ptr, cos1, sin1, cos2, sin2, OUT_N, HD, ROPE_N, GEGLU,
                    BLOCK_M, BLOCK_N)  # fmt: skip
 
@@ -153,8 +147,9 @@ def gemm_residual_tma_kernel(
     gate = _rnd(tl.load(gate_ptr + rn), act)[None, :]
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote a) is complete
-    a, _ = _stacked_chunks(a_ptr, row0, M, K, pid_k * KS, NCH, BLOCK_M, BLOCK_K)
-    acc = _diagonal_sum(tl.dot(w, a, input_precision=DOT_PREC), NCH, BLOCK_N, BLOCK_M)
+    a = tl.load(a_ptr + rm[:, None] * K + pid_k * KS + tl.arange(0, KS)[None, :], mask=row_ok[:, None], other=0.0)
+    acc = _diagonal_sum(tl.dot(w, _side_by_side(a, NCH, BLOCK_M, BLOCK_K), input_precision=DOT_PREC), NCH, BLOCK_N,
+                        BLOCK_M)  # fmt: skip
     hp = h_ptr + rm[:, None] * N + rn[None, :]
     if SPLIT_K == 1:
         h = tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32)
