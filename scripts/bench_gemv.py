@@ -4,6 +4,7 @@
     PYTHONPATH=$PWD python scripts/bench_gemv.py --reg-only --out reg.json         # today's kernels over their tiles
     PYTHONPATH=$PWD python scripts/bench_gemv.py --full --out full.json            # stream_triton's kernels
     PYTHONPATH=$PWD python scripts/bench_gemv.py --l2 --out l2.json                # L2 residency / L2 prefetch
+    PYTHONPATH=$PWD python scripts/bench_gemv.py --tma --out tma.json              # weight tiles via TMA
 
 One expert layer at M = 10 rows has four projections (N x K): qkv 2560 x 1024, o 1024 x 2048, gate|up 8192 x 1024,
 down 1024 x 4096 (~35 MB of bf16 weights, ~8 us at full HBM bandwidth). Each kernel is timed as 18 launches (one per
@@ -20,6 +21,8 @@ so a time per launch includes its share of the launch gaps. Designs:
 * `--full`  `pi05eval.kernels.stream_triton`'s kernels (the streaming loop with the real epilogues), coordinate
             descent per shape, the layer chain against `reg`, and the best tiles as ExpertKernelConfig fields.
 * `--l2`    `reg` with its weights L2-resident, and with bulk L2 prefetch of later weights (`l2_study`).
+* `--tma`   a bare GEMM whose whole weight tile (re-laid as `tma_triton.relay_tiles`) is copied by one TMA box into
+            shared memory before the PDL wait, over (bn, bk, split, warps), then its layer chain against `reg`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pi05eval.bench import capture_graph, environment, graph_replay_ms
 from pi05eval.kernels import launch_gemm_residual, launch_norm_gemm
 from pi05eval.kernels.expert_triton import pdl_options
 from pi05eval.kernels.stream_triton import launch_gemm_residual_stream, launch_norm_gemm_stream
+from pi05eval.kernels.tma_triton import relay_tiles
 
 SHAPES = {"qkv": (2560, 1024), "o": (1024, 2048), "gu": (8192, 1024), "down": (1024, 4096)}
 DEPTH = 18
@@ -130,13 +134,6 @@ def tma_gemm_kernel(
         acc = tl.sum(tl.sum(tl.where(diag, p4, 0.0), axis=2), axis=0)  # [BN, BM]
     rn = pid_n * BN + tl.arange(0, BN)
     tl.store(ws_ptr + pid_k * BM * N + tl.arange(0, BM)[None, :] * N + rn[:, None], acc)
-
-
-def relay_tiles(w: torch.Tensor, bn: int, split: int, bk: int) -> torch.Tensor:
-    """[N, K] -> [N / bn * split * nch * bn, bk]: program (n tile, split)'s chunks stacked as rows, chunk-major."""
-    n, k = w.shape
-    nch = k // split // bk
-    return w.view(n // bn, bn, split, nch, bk).permute(0, 2, 3, 1, 4).reshape(-1, bk).contiguous()
 
 
 _DESCS: dict[tuple[int, int, int, int], Any] = {}

@@ -23,7 +23,8 @@ finishes, then waits for it. No host syncs and no allocations that depend on GPU
 captured in a CUDA graph; scratch buffers are allocated per (batch, prefix length) on first use or by `prepare`.
 Kernels compile on their first call: run a step before capturing. Do not wrap `update` in torch.compile. With
 `static_kv` the action part of the K/V buffers is neither read nor written (the kernels read the action K/V from
-their own qkv buffer). Extra memory: the re-laid Q/K/V and gate/up weights (~400 MB for Pi0.5 in bf16).
+their own qkv buffer). Extra memory: the re-laid Q/K/V and gate/up weights (~400 MB for Pi0.5 in bf16), and with
+`ExpertKernelConfig.tma` every expert weight once more, re-laid in TMA boxes (~620 MB).
 """
 
 from __future__ import annotations
