@@ -80,14 +80,17 @@ def _pair_epilogue(
 
 @triton.jit
 def _rope_tables(cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD: tl.constexpr,
-                 BLOCK_N: tl.constexpr):  # fmt: skip
-    """cos / sin [BM, BN / 2] fp32 at the two halves (d, d + hd/2) of a pair-interleaved RoPE tile's columns."""
-    c1 = (n0 // HD) * HD + (n0 % HD) // 2 + tl.arange(0, BLOCK_N // 2)  # output columns of the pairs' first halves
-    cs = (rm // L)[:, None] * cs_stride_b + (rm % L)[:, None] * cs_stride_l + (c1 % HD)[None, :]
-    cos1 = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                 BLOCK_N: tl.constexpr, GEGLU: tl.constexpr):  # fmt: skip
+    """cos / sin [BM, BN / 2] fp32 at the two halves (d, d + hd/2) of a pair-interleaved RoPE tile's columns (GEGLU:
+    zeros, unused)."""
+    cos1, sin1, cos2, sin2 = 0.0, 0.0, 0.0, 0.0
+    if not GEGLU:
+        c1 = (n0 // HD) * HD + (n0 % HD) // 2 + tl.arange(0, BLOCK_N // 2)  # output columns of the pairs' first halves
+        cs = (rm // L)[:, None] * cs_stride_b + (rm % L)[:, None] * cs_stride_l + (c1 % HD)[None, :]
+        cos1 = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + cs + HD // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
     return cos1, sin1, cos2, sin2
 
 
@@ -165,11 +168,9 @@ def norm_gemm_kernel(
     if not MOD_LATE:
         scale = tl.load(mod_ptr + rk)[None, :]
         shift = tl.load(mod_ptr + D + rk)[None, :]
-    cos1, sin1, cos2, sin2 = 0.0, 0.0, 0.0, 0.0
-    if not GEGLU:
-        cos1, sin1, cos2, sin2 = _rope_tables(
-            cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD, BLOCK_N
-        )
+    cos1, sin1, cos2, sin2 = _rope_tables(
+        cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD, BLOCK_N, GEGLU
+    )
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote h) is complete
     if PREFETCH and PF_AT == 1:
@@ -201,6 +202,20 @@ def _residual_epilogue(acc, h, gate, hp, row_ok):
     """h + round(round(acc) * round(gate)), stored in h's dtype (h, gate fp32 values; hp: h's pointers)."""
     act = hp.dtype.element_ty
     tl.store(hp, (h + _rnd(_rnd(acc, act) * gate, act)).to(act), mask=row_ok[:, None])
+
+
+@triton.jit
+def _gated_residual(acc, h_ptr, gate, ws_ptr, cnt_ptr, rm, rn, row_ok, N: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """h[rm, rn] += round(round(acc) * gate): at once, or (SPLIT_K > 1) by the tile's last program over all partials
+    (`_split_k_total`). acc [BM, BN] fp32; h [M, N] act."""
+    hp = h_ptr + rm[:, None] * N + rn[None, :]
+    if SPLIT_K == 1:
+        _residual_epilogue(acc, tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32), gate, hp, row_ok)
+    else:
+        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rn, N, SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
+            _residual_epilogue(total, tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32), gate, hp, row_ok)
 
 
 @triton.jit
@@ -326,14 +341,23 @@ def norm_gemm_args(
     n = w.shape[0]
     bm = block_m(m, NORM_BLOCK_M)
     rope = cos is not None
-    cs = cos if rope else h
-    strides = (cs.stride(0), cs.stride(2)) if rope else (0, 0)
-    args = (h, mod, w, out, ws, counters, cs, sin if rope else h, m, horizon, *strides, eps)
+    cs, sn, stride_b, stride_l = rope_args(h, cos, sin)
+    args = (h, mod, w, out, ws, counters, cs, sn, m, horizon, stride_b, stride_l, eps)
     consts = {
         "D": d, "N": n, "OUT_N": out.shape[1], "HD": head_dim if rope else 2, "ROPE_N": rope_cols, "GEGLU": not rope,
         "SPLIT_K": split, "BLOCK_M": bm, "BLOCK_N": bn, "DOT_PREC": dot_precision(w.dtype),
     }  # fmt: skip
     return (n // bn, split, triton.cdiv(m, bm)), args, consts
+
+
+def rope_args(
+    h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The norm-GEMM kernels' (cos_ptr, sin_ptr, cs_stride_b, cs_stride_l): the RoPE tables [B, 1, L, HD], or h as a
+    placeholder (GeGLU kernels read no table)."""
+    if cos is None or sin is None:
+        return h, h, 0, 0
+    return cos, sin, cos.stride(0), cos.stride(2)
 
 
 def launch_gemm_residual(

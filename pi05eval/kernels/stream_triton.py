@@ -21,8 +21,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pi05eval.kernels.expert_triton import (
+    _gated_residual,
     _pair_epilogue,
-    _residual_epilogue,
     _rnd,
     _rope_tables,
     _split_k_total,
@@ -87,11 +87,9 @@ def norm_gemm_stream_kernel(
     h_ptrs = h_ptr + rm[:, None] * D + rk[None, :]
     if PRE:
         w0 = tl.load(w_ptrs)  # before the wait: no kernel of the step writes weights
-    cos1, sin1, cos2, sin2 = 0.0, 0.0, 0.0, 0.0
-    if not GEGLU:
-        cos1, sin1, cos2, sin2 = _rope_tables(
-            cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD, BLOCK_N
-        )
+    cos1, sin1, cos2, sin2 = _rope_tables(
+        cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD, BLOCK_N, GEGLU
+    )
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote h) is complete
     ss = tl.zeros([BLOCK_M], tl.float32)
@@ -163,15 +161,7 @@ def gemm_residual_stream_kernel(
                          DOT_PREC)  # fmt: skip
     if SWAP:
         acc = tl.trans(acc)  # [BM, BN]
-    hp = h_ptr + rm[:, None] * N + rn[None, :]
-    if SPLIT_K == 1:
-        h = tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        _residual_epilogue(acc, h, gate, hp, row_ok)
-    else:
-        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rn, N, SPLIT_K, BLOCK_M, BLOCK_N)
-        if last:
-            h = tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            _residual_epilogue(total, h, gate, hp, row_ok)
+    _gated_residual(acc, h_ptr, gate, ws_ptr, cnt_ptr, rm, rn, row_ok, N, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 def _chunk(k_slice: int, bk: int) -> int:

@@ -29,15 +29,15 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pi05eval.kernels.expert_triton import (
     NORM_BLOCK_M,
+    _gated_residual,
     _pair_epilogue,
-    _residual_epilogue,
     _rnd,
     _rope_tables,
-    _split_k_total,
     ada_rms_norm,
     block_m,
     dot_precision,
     pdl_options,
+    rope_args,
 )
 
 BOX = 256  # the largest TMA box side
@@ -99,11 +99,9 @@ def norm_gemm_tma_kernel(
     rd = tl.arange(0, D)
     scale = tl.load(mod_ptr + rd)[None, :]
     shift = tl.load(mod_ptr + D + rd)[None, :]
-    cos1, sin1, cos2, sin2 = 0.0, 0.0, 0.0, 0.0
-    if not GEGLU:
-        cos1, sin1, cos2, sin2 = _rope_tables(
-            cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD, BLOCK_N
-        )
+    cos1, sin1, cos2, sin2 = _rope_tables(
+        cos_ptr, sin_ptr, rm, row_ok, n0, L, cs_stride_b, cs_stride_l, HD, BLOCK_N, GEGLU
+    )
     if USE_PDL:
         gdc_wait()  # the previous kernel (which wrote h) is complete
     h = tl.load(h_ptr + rm[:, None] * D + rd[None, :], mask=row_ok[:, None], other=0.0)
@@ -150,15 +148,7 @@ def gemm_residual_tma_kernel(
     a = tl.load(a_ptr + rm[:, None] * K + pid_k * KS + tl.arange(0, KS)[None, :], mask=row_ok[:, None], other=0.0)
     acc = _diagonal_sum(tl.dot(w, _side_by_side(a, NCH, BLOCK_M, BLOCK_K), input_precision=DOT_PREC), NCH, BLOCK_N,
                         BLOCK_M)  # fmt: skip
-    hp = h_ptr + rm[:, None] * N + rn[None, :]
-    if SPLIT_K == 1:
-        h = tl.load(hp, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        _residual_epilogue(acc, h, gate, hp, row_ok)
-    else:
-        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rn, N, SPLIT_K, BLOCK_M, BLOCK_N)
-        if last:
-            h = tl.load(hp, mask=row_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-            _residual_epilogue(total, h, gate, hp, row_ok)
+    _gated_residual(acc, h_ptr, gate, ws_ptr, cnt_ptr, rm, rn, row_ok, N, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 def tile_chunk(k_slice: int, bn: int, bk: int) -> int:
@@ -217,10 +207,9 @@ def launch_norm_gemm_tma(
         raise ValueError(f"norm_gemm_tma needs a whole-row tiling of a [N, {d}] weight (split 1)")
     bm = block_m(m, NORM_BLOCK_M)
     rope = cos is not None
-    cs = cos if rope else h
-    strides = (cs.stride(0), cs.stride(2)) if rope else (0, 0)
+    cs, sn, stride_b, stride_l = rope_args(h, cos, sin)
     norm_gemm_tma_kernel[(w.n // w.bn, 1, triton.cdiv(m, bm))](
-        h, mod, w.desc, out, cs, sin if rope else h, m, horizon, *strides, eps,
+        h, mod, w.desc, out, cs, sn, m, horizon, stride_b, stride_l, eps,
         D=d, OUT_N=out.shape[1], HD=head_dim if rope else 2, ROPE_N=rope_cols, GEGLU=not rope, BLOCK_M=bm,
         BLOCK_N=w.bn, BLOCK_K=w.bk, DOT_PREC=dot_precision(h.dtype), num_warps=warps, **pdl_options(pdl),
     )  # fmt: skip
