@@ -4,7 +4,6 @@
     PYTHONPATH=$PWD python scripts/bench_gemv.py --reg-only --out reg.json         # today's kernels over their tiles
     PYTHONPATH=$PWD python scripts/bench_gemv.py --full --out full.json            # stream_triton's kernels
     PYTHONPATH=$PWD python scripts/bench_gemv.py --l2 --out l2.json                # L2 residency / L2 prefetch
-    PYTHONPATH=$PWD python scripts/bench_gemv.py --tma --out tma.json              # weight tiles via TMA
 
 One expert layer at M = 10 rows has four projections (N x K): qkv 2560 x 1024, o 1024 x 2048, gate|up 8192 x 1024,
 down 1024 x 4096 (~35 MB of bf16 weights, ~8 us at full HBM bandwidth). Each kernel is timed as 18 launches (one per
@@ -21,8 +20,7 @@ so a time per launch includes its share of the launch gaps. Designs:
 * `--full`  `pi05eval.kernels.stream_triton`'s kernels (the streaming loop with the real epilogues), coordinate
             descent per shape, the layer chain against `reg`, and the best tiles as ExpertKernelConfig fields.
 * `--l2`    `reg` with its weights L2-resident, and with bulk L2 prefetch of later weights (`l2_study`).
-* `--tma`   a bare GEMM whose whole weight tile (re-laid as `tma_triton.relay_tiles`) is copied by one TMA box into
-            shared memory before the PDL wait, over (bn, bk, split, warps), then its layer chain against `reg`.
+Weight tiles copied by TMA into shared memory: `bench_gemv_tma.py`.
 """
 
 from __future__ import annotations
@@ -42,7 +40,6 @@ from pi05eval.bench import capture_graph, environment, graph_replay_ms
 from pi05eval.kernels import launch_gemm_residual, launch_norm_gemm
 from pi05eval.kernels.expert_triton import pdl_options
 from pi05eval.kernels.stream_triton import launch_gemm_residual_stream, launch_norm_gemm_stream
-from pi05eval.kernels.tma_triton import relay_tiles
 
 SHAPES = {"qkv": (2560, 1024), "o": (1024, 2048), "gu": (8192, 1024), "down": (1024, 4096)}
 DEPTH = 18
@@ -92,105 +89,6 @@ def stream_gemm_kernel(
         tl.store(out + rm[None, :] * N + rn[:, None], acc)
     else:
         tl.store(out + rm[:, None] * N + rn[None, :], acc)
-
-
-@triton.jit
-def tma_gemm_kernel(
-    w_desc,  # TMA descriptor of the re-laid weight [N / BN * SPLIT * NCH * BN, BK] act (`relay_tiles`)
-    x_ptr,  # [M, K] act
-    ws_ptr,  # fp32 [SPLIT, BM, N]
-    M,
-    K: tl.constexpr,
-    N: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """A program's whole weight tile [BN, K / SPLIT] (NCH chunks of BK, stacked as rows) copied by one TMA load into
-    shared memory before the PDL wait; after it, one MMA of the stacked chunks with the activation chunks side by
-    side ([NCH * BN, BK] @ [BK, NCH * BM]) whose diagonal blocks summed are the product; fp32 partials stored."""
-    if USE_PDL:
-        gdc_launch_dependents()
-    KS: tl.constexpr = K // SPLIT
-    NCH: tl.constexpr = KS // BK
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    t = w_desc.load([(pid_n * SPLIT + pid_k) * NCH * BN, 0])  # [NCH * BN, BK]
-    if USE_PDL:
-        gdc_wait()
-    j = tl.arange(0, NCH * BM)
-    m = j % BM
-    kk = pid_k * KS + (j // BM) * BK
-    xs = tl.load(x_ptr + m[None, :] * K + kk[None, :] + tl.arange(0, BK)[:, None], mask=(m < M)[None, :], other=0.0)
-    p = tl.dot(t, xs)  # [NCH * BN, NCH * BM]: block (c, c') = chunk c of the weight times chunk c' of x
-    if NCH == 1:
-        acc = p
-    else:
-        p4 = tl.reshape(p, [NCH, BN, NCH, BM])
-        c = tl.arange(0, NCH)
-        diag = c[:, None, None, None] == c[None, None, :, None]
-        acc = tl.sum(tl.sum(tl.where(diag, p4, 0.0), axis=2), axis=0)  # [BN, BM]
-    rn = pid_n * BN + tl.arange(0, BN)
-    tl.store(ws_ptr + pid_k * BM * N + tl.arange(0, BM)[None, :] * N + rn[:, None], acc)
-
-
-_DESCS: dict[tuple[int, int, int, int], Any] = {}
-
-
-def launch_tma(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, c: dict[str, Any], pdl: bool = True) -> Any:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    n, k = w.shape
-    bn, bk, split = c["bn"], c["bk"], c["split"]
-    key = (w.data_ptr(), bn, bk, split)
-    if key not in _DESCS:
-        relaid = relay_tiles(w, bn, split, bk)
-        _DESCS[key] = (relaid, TensorDescriptor.from_tensor(relaid, [k // split // bk * bn, bk]))
-    return tma_gemm_kernel[(n // bn, split)](
-        _DESCS[key][1], x, ws, x.shape[0], K=k, N=n, SPLIT=split, BM=16, BN=bn, BK=bk,
-        num_warps=c["warps"], **pdl_options(pdl),
-    )  # fmt: skip
-
-
-def tma_study(b: Buffers, reg: dict[str, Callable[..., None]]) -> dict[str, Any]:
-    """The TMA-before-wait kernel per shape over (bn, bk, split, warps), then its layer chain against today's."""
-    out: dict[str, Any] = {"check": {}, "grid": {}}
-    for name, (n, k) in SHAPES.items():
-        rows = []
-        for bn in (64, 128):
-            for bk in (64, 128, 256):
-                for split in (1, 2, 4, 8, 16):
-                    ks = k // split
-                    if ks % bk or not 1 <= ks // bk <= 4 or ks // bk * bn > 256:
-                        continue
-                    for warps in (4, 8):
-                        c = {"bn": bn, "bk": bk, "split": split, "warps": warps}
-                        try:
-                            kern = launch_tma(b.x[name], b.w[name][0], b.ws, c)
-                            torch.cuda.synchronize()
-                            got = b.ws[: split * 16 * n].view(split, 16, n)[:, :ROWS].sum(0)
-                            err = float((got - b.x[name].float() @ b.w[name][0].float().T).abs().max())
-                            us = per_launch_us(lambda i, c=c, nm=name: launch_tma(b.x[nm], b.w[nm][i], b.ws, c))
-                            rows.append({**c, "us": us, "err": err, "regs": kern.n_regs, "spills": kern.n_spills,
-                                         "smem": kern.metadata.shared})  # fmt: skip
-                        except Exception as e:
-                            print(f"  tma {name} {c}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-        rows.sort(key=lambda r: r["us"])
-        out["grid"][name] = rows
-        print(f"tma {name} best: {rows[:3]}", flush=True)
-    best = {name: out["grid"][name][0] for name in SHAPES if out["grid"][name]}
-    if len(best) == len(SHAPES):
-        names = list(SHAPES)
-        out["chain_reg_us"] = 1e3 * time_graph(lambda: [reg[n](i) for i in range(DEPTH) for n in names]) / DEPTH
-        out["chain_tma_us"] = (
-            1e3
-            * time_graph(lambda: [launch_tma(b.x[n], b.w[n][i], b.ws, best[n]) for i in range(DEPTH) for n in names])
-            / DEPTH
-        )
-        print(f"layer chain (4 GEMMs): reg {out['chain_reg_us']:.2f} us, tma {out['chain_tma_us']:.2f} us", flush=True)
-    return out
 
 
 def launch_stream(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, c: dict[str, Any], pdl: bool = True) -> None:
@@ -429,7 +327,6 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="stream_triton's kernels with their epilogues, per shape")
     p.add_argument("--reg-only", action="store_true", help="today's kernels over their tiles only")
     p.add_argument("--l2", action="store_true", help="L2 residency and L2 prefetch with today's kernels only")
-    p.add_argument("--tma", action="store_true", help="whole weight tiles by TMA into shared memory before the wait")
     p.add_argument("--budget-s", type=float, default=240.0, help="time for the whole descent")
     args = p.parse_args()
     res: dict[str, Any] = {"env": environment()}
@@ -449,9 +346,6 @@ def main() -> None:
     reg = reg_launchers(b)
     res["reg_us"] = {name: per_launch_us(fn) for name, fn in reg.items()}
     print("reg (today's kernels, us per launch):", json.dumps(res["reg_us"]), flush=True)
-    if args.tma:
-        res["tma"] = tma_study(b, reg)
-        return dump(res, args.out)
     if args.l2:
         res["l2"] = l2_study(b)
         return dump(res, args.out)
