@@ -44,16 +44,16 @@ SWEEP: dict[str, list] = {  # field -> candidates (coordinate descent on the who
     "prefetch_at": [0, 1, 2],
     "gu_split": [1, 2, 4, 8],
     "gu_bn": [16, 32, 64, 128],
-    "gu_warps": [4, 8],
+    "gu_warps": [4, 8, 16],
     "qkv_split": [1, 2, 4, 8],
     "qkv_bn": [16, 32, 64],
-    "qkv_warps": [4, 8],
+    "qkv_warps": [4, 8, 16],
     "down_split": [2, 4, 8, 16],
     "down_bn": [16, 32, 64],
-    "down_warps": [4, 8],
+    "down_warps": [4, 8, 16],
     "o_split": [2, 4, 8, 16],
     "o_bn": [16, 32, 64],
-    "o_warps": [4, 8],
+    "o_warps": [4, 8, 16],
     "att_bs": [32, 64, 128],
     "att_dsplit": [1, 2, 4],
     "att_bm": [16, 32],
@@ -66,6 +66,7 @@ SWEEP: dict[str, list] = {  # field -> candidates (coordinate descent on the who
     "qkv_bk": [64, 128, 256],
     "o_bk": [64, 128, 256],
     "io_bn": [16, 32, 64],
+    "atomic_residual": [False, True],
 }
 
 
@@ -301,13 +302,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     @section("kernel_resources", res)
     def _resources() -> list[dict[str, Any]]:
-        """Registers, spills and shared memory of every compiled variant of the three kernels."""
+        """Registers, spills and shared memory of every compiled variant of the denoise kernels."""
+        from pi05eval.kernels.atomic_triton import gemm_accumulate_kernel, residual_norm_gemm_kernel
         from pi05eval.kernels.attention_triton import attention_kernel
         from pi05eval.kernels.expert_triton import gemm_residual_kernel, norm_gemm_kernel
         from pi05eval.kernels.step_triton import action_in_kernel, step_out_kernel
 
         out = []
-        for kernel in (norm_gemm_kernel, attention_kernel, gemm_residual_kernel, action_in_kernel, step_out_kernel):
+        kernels = (norm_gemm_kernel, attention_kernel, gemm_residual_kernel, action_in_kernel, step_out_kernel,
+                   residual_norm_gemm_kernel, gemm_accumulate_kernel)  # fmt: skip
+        for kernel in kernels:
             for cache in kernel.device_caches.values():
                 for compiled in cache[0].values():
                     try:

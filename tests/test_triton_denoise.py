@@ -78,8 +78,20 @@ def _inputs(model, batch: int, prefix_len: int, static_kv: bool, seed: int):
         (1, 16, False, {"prefetch": 2, "att_prefetch": 2, "prefetch_at": 1, "o_split": 2}),  # CPU: prefetch skipped
         (1, 16, False, {"tma": True, "o_split": 2, "down_split": 4, "down_bk": 16, "gu_bn": 32, "qkv_bk": 16}),
         (2, 32, True, {"tma": True, "o_split": 1, "gu_bk": 32, "down_bn": 16}),
+        (1, 16, False, {"atomic_residual": True, "o_split": 4, "down_split": 2, "gu_bn": 32}),
+        (2, 32, True, {"atomic_residual": True, "o_split": 1, "down_split": 4, "o_bn": 16, "att_bm": 32}),
     ],
-    ids=["b1", "b2_hd32_static_kv", "stream_b1", "stream_b2", "l2_prefetch", "tma_b1", "tma_b2_static_kv"],
+    ids=[
+        "b1",
+        "b2_hd32_static_kv",
+        "stream_b1",
+        "stream_b2",
+        "l2_prefetch",
+        "tma_b1",
+        "tma_b2_static_kv",
+        "atomic_b1",
+        "atomic_b2_static_kv",
+    ],
 )
 def test_update_matches_fast_path(request, batch, head_dim, static_kv, kernel_cfg) -> None:
     if not IN_PROCESS:
@@ -154,3 +166,13 @@ def test_tma_relay_puts_each_programs_chunks_in_one_box() -> None:
     model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
     with pytest.raises(ValueError, match="qkv_split = gu_split = 1"):
         TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(tma=True, qkv_split=2))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"gu_split": 2}, "qkv_split = gu_split = 1"), ({"stream": True}, "not implemented"), ({"prefetch": 1}, "not")],
+)
+def test_atomic_residual_refuses_what_it_does_not_cover(setting, message) -> None:
+    model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
+    with pytest.raises(ValueError, match=message):
+        TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(atomic_residual=True, **setting))

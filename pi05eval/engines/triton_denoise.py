@@ -50,6 +50,7 @@ from pi05eval.kernels import (
     launch_step_out,
     resolve,
 )
+from pi05eval.kernels.atomic_triton import launch_gemm_accumulate, launch_residual_norm_gemm
 from pi05eval.kernels.stream_triton import launch_gemm_residual_stream, launch_norm_gemm_stream
 from pi05eval.kernels.tma_triton import TmaWeight, launch_gemm_residual_tma, launch_norm_gemm_tma
 
@@ -89,6 +90,10 @@ class _Scratch:
             batch, prefix_len, cfg.action_horizon, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             c.att_bm, c.att_bs, c.att_dsplit, dev,
         )  # fmt: skip
+        if c.atomic_residual:  # the second residual buffer and the O / down accumulators [M, De] fp32
+            self.h_mid = torch.empty_like(self.h)
+            self.acc_o = torch.zeros(m, d, dtype=torch.float32, device=dev)
+            self.acc_down = torch.zeros_like(self.acc_o)
 
 
 class TritonDenoise:
@@ -147,6 +152,10 @@ class TritonDenoise:
             raise ValueError("tma=True needs stream=False and whole-row norm kernels (qkv_split = gu_split = 1)")
         if out.tma and dev.type == "cuda" and not hopper:
             raise ValueError("tma=True needs a Hopper or newer GPU (TMA copies)")
+        if out.atomic_residual and (out.stream or out.tma or out.prefetch or out.att_prefetch):
+            raise ValueError("atomic_residual=True is not implemented with stream, tma or prefetch")
+        if out.atomic_residual and (out.qkv_split != 1 or out.gu_split != 1):
+            raise ValueError("atomic_residual=True needs whole-row norm kernels (qkv_split = gu_split = 1)")
         # (kernel, layer) -> its launcher's prefetch arguments; bulk L2 prefetch is an sm_90 instruction
         self._prefetch = self._prefetch_schedule(out, hopper)
         # the GEMM launchers of this config, their weights and design-specific arguments per kernel
@@ -218,9 +227,13 @@ class TritonDenoise:
         h = self.run_layers(x, mods, cos, sin, ks, vs, key_mask)
         out = torch.empty_like(x)
         c = self.config
+        pending = None
+        if c.atomic_residual:  # the last down projection's gated residual, still in its accumulator
+            acc = self._buffers(x.shape[0], ks.shape[3]).acc_down
+            pending = (acc, mods[2 * self.cfg.depth - 1, 0, 2 * h.shape[1] :])
         launch_step_out(
             h, mods[-1, 0], self.w_out, self.b_out, x.view(-1, x.shape[-1]), out.view(-1, x.shape[-1]),
-            eps=self.eps, dt=self.dt, mod_late=c.mod_late, pdl=self.pdl,
+            eps=self.eps, dt=self.dt, mod_late=c.mod_late, pdl=self.pdl, pending=pending,
         )  # fmt: skip
         return out
 
@@ -255,7 +268,8 @@ class TritonDenoise:
         key_mask: torch.Tensor,
         kernels: frozenset[str] = KERNELS,
     ) -> torch.Tensor:
-        """action_in, then every expert layer -> the residual stream [M, De] (a buffer reused by the next call).
+        """action_in, then every expert layer -> the residual stream [M, De] (a buffer reused by the next call; with
+        `atomic_residual`, without the last down projection's gated residual, still pending in `acc_down`).
 
         x [B, H, A] fp32 contiguous; `kernels` restricts the layer launches to some of KERNELS (timing sweeps only:
         the result is then meaningless).
@@ -272,6 +286,10 @@ class TritonDenoise:
         pdl, tiles = self.pdl, self._gemm_tiles
         norm_gemm, gemm_residual = self._gemm_launchers
         pf, wts = self._prefetch, self._weights
+        if c.atomic_residual:
+            launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl, zero=sc.acc_o)
+            self._atomic_layers(sc, mods, cos, sin, ks, vs, key_mask, prefix_len, kernels)
+            return sc.h
         launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
         for i in range(cfg.depth):
             mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
@@ -303,6 +321,43 @@ class TritonDenoise:
                     split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles["down"], **pf["down", i],
                 )  # fmt: skip
         return sc.h
+
+    def _atomic_layers(
+        self, sc: _Scratch, mods: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: torch.Tensor,
+        vs: torch.Tensor, key_mask: torch.Tensor, prefix_len: int, kernels: frozenset[str],
+    ) -> None:  # fmt: skip
+        """The expert layers of `run_layers` with `atomic_residual`: O and down add into acc_o / acc_down, the next
+        norm kernel applies their gated residual (Q/K/V: sc.h -> sc.h_mid, gate|up: sc.h_mid -> sc.h)."""
+        cfg, c, pdl = self.cfg, self.config, self.pdl
+        d, hd, heads, kv = cfg.expert_width, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        for i in range(cfg.depth):
+            mod_attn, mod_mlp = mods[2 * i, 0], mods[2 * i + 1, 0]  # [3 * De]: scale | shift | gate
+            if "qkv" in kernels:
+                pending = (sc.acc_down, mods[2 * i - 1, 0, 2 * d :]) if i else None  # the previous layer's MLP
+                launch_residual_norm_gemm(
+                    sc.h, pending, sc.h_mid, mod_attn, self.wqkv[i], sc.qkv, horizon=self.horizon, eps=self.eps,
+                    bn=c.qkv_bn, warps=c.qkv_warps, pdl=pdl, cos=cos, sin=sin, head_dim=hd, rope_cols=(heads + kv) * hd,
+                )  # fmt: skip
+            if "attn" in kernels:
+                launch_attention(
+                    sc.qkv, ks[i], vs[i], key_mask, sc.att, sc.attn, prefix_len=prefix_len, horizon=self.horizon,
+                    heads=heads, kv_heads=kv, head_dim=hd, scale=hd**-0.5, bm=c.att_bm, bs=c.att_bs,
+                    dsplit=c.att_dsplit, warps=c.att_warps, pdl=pdl,
+                )  # fmt: skip
+            if "o" in kernels:
+                launch_gemm_accumulate(
+                    sc.att, self.wo[i], sc.acc_o, sc.acc_down, bn=c.o_bn, split=c.o_split, warps=c.o_warps, pdl=pdl
+                )
+            if "gu" in kernels:
+                launch_residual_norm_gemm(
+                    sc.h_mid, (sc.acc_o, mod_attn[2 * d :]), sc.h, mod_mlp, self.wgu[i], sc.act, horizon=self.horizon,
+                    eps=self.eps, bn=c.gu_bn, warps=c.gu_warps, pdl=pdl,
+                )  # fmt: skip
+            if "down" in kernels:
+                launch_gemm_accumulate(
+                    sc.act, self.wd[i], sc.acc_down, sc.acc_o, bn=c.down_bn, split=c.down_split, warps=c.down_warps,
+                    pdl=pdl,
+                )  # fmt: skip
 
 
 def _tma_norm_gemm(

@@ -29,6 +29,9 @@ class ExpertKernelConfig:
     `att_prefetch` GEMMs after it (1: O, 2: gate|up); prefetch_at: where in the kernel (0 start, 1 after the wait,
     2 end). tma: the GEMMs as `tma_triton`'s kernels, which copy a program's weight tile into shared memory (one TMA
     box of *_bk-wide chunks) before the wait; the norm kernels then need qkv_split = gu_split = 1 (Hopper+).
+    atomic_residual: the O and down projections add their split-K partials into an fp32 buffer by atomic adds and the
+    next norm kernel applies the gated residual (`atomic_triton`; needs qkv_split = gu_split = 1, not with stream,
+    tma or prefetch; exact up to fp32 summation order, not bitwise repeatable).
     Defaults: the best of a coordinate-descent sweep on an H200 (scripts/bench_triton_denoise.py).
     """
 
@@ -62,6 +65,7 @@ class ExpertKernelConfig:
     att_prefetch: int = 0
     prefetch_at: int = 0
     tma: bool = False
+    atomic_residual: bool = False
 
 
 def _pow2_at_most(value: int, limit: int) -> int:
