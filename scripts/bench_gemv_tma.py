@@ -24,7 +24,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pi05eval.bench import environment
 from pi05eval.kernels.expert_triton import pdl_options
-from pi05eval.kernels.tma_triton import TmaWeight
+from pi05eval.kernels.tma_triton import TmaWeight, _diagonal_sum
 
 
 @triton.jit
@@ -58,13 +58,7 @@ def tma_gemm_kernel(
     kk = pid_k * KS + (j // BM) * BK
     xs = tl.load(x_ptr + m[None, :] * K + kk[None, :] + tl.arange(0, BK)[:, None], mask=(m < M)[None, :], other=0.0)
     p = tl.dot(t, xs)  # [NCH * BN, NCH * BM]: block (c, c') = chunk c of the weight times chunk c' of x
-    if NCH == 1:
-        acc = p
-    else:
-        p4 = tl.reshape(p, [NCH, BN, NCH, BM])
-        c = tl.arange(0, NCH)
-        diag = c[:, None, None, None] == c[None, None, :, None]
-        acc = tl.sum(tl.sum(tl.where(diag, p4, 0.0), axis=2), axis=0)  # [BN, BM]
+    acc = tl.trans(_diagonal_sum(p, NCH, BN, BM))  # [BN, BM]
     rn = pid_n * BN + tl.arange(0, BN)
     tl.store(ws_ptr + pid_k * BM * N + tl.arange(0, BM)[None, :] * N + rn[:, None], acc)
 

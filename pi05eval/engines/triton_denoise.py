@@ -300,11 +300,7 @@ class TritonDenoise:
                     rope_cols=(heads + kv) * hd, **tiles["qkv"], **pf["qkv", i],
                 )  # fmt: skip
             if "attn" in kernels:
-                launch_attention(
-                    sc.qkv, ks[i], vs[i], key_mask, sc.att, sc.attn, prefix_len=prefix_len, horizon=horizon,
-                    heads=heads, kv_heads=kv, head_dim=hd, scale=hd**-0.5, bm=c.att_bm, bs=c.att_bs,
-                    dsplit=c.att_dsplit, warps=c.att_warps, pdl=pdl, **pf["attn", i],
-                )  # fmt: skip
+                self._attention(sc, ks[i], vs[i], key_mask, prefix_len, **pf["attn", i])
             if "o" in kernels:
                 gemm_residual(
                     sc.att, wts["o"][i], sc.h, mod_attn[2 * d :], sc.ws, sc.counters, bn=c.o_bn, split=c.o_split,
@@ -321,6 +317,17 @@ class TritonDenoise:
                     split=c.down_split, warps=c.down_warps, pdl=pdl, **tiles["down"], **pf["down", i],
                 )  # fmt: skip
         return sc.h
+
+    def _attention(
+        self, sc: _Scratch, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, prefix_len: int, **prefetch: Any
+    ) -> None:
+        """One layer's attention launch: sc.qkv over [this layer's prefix K/V k, v | the action K/V] -> sc.att."""
+        cfg, c = self.cfg, self.config
+        launch_attention(
+            sc.qkv, k, v, key_mask, sc.att, sc.attn, prefix_len=prefix_len, horizon=self.horizon,
+            heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5,
+            bm=c.att_bm, bs=c.att_bs, dsplit=c.att_dsplit, warps=c.att_warps, pdl=self.pdl, **prefetch,
+        )  # fmt: skip
 
     def _atomic_layers(
         self, sc: _Scratch, mods: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: torch.Tensor,
@@ -339,11 +346,7 @@ class TritonDenoise:
                     bn=c.qkv_bn, warps=c.qkv_warps, pdl=pdl, cos=cos, sin=sin, head_dim=hd, rope_cols=(heads + kv) * hd,
                 )  # fmt: skip
             if "attn" in kernels:
-                launch_attention(
-                    sc.qkv, ks[i], vs[i], key_mask, sc.att, sc.attn, prefix_len=prefix_len, horizon=self.horizon,
-                    heads=heads, kv_heads=kv, head_dim=hd, scale=hd**-0.5, bm=c.att_bm, bs=c.att_bs,
-                    dsplit=c.att_dsplit, warps=c.att_warps, pdl=pdl,
-                )  # fmt: skip
+                self._attention(sc, ks[i], vs[i], key_mask, prefix_len)
             if "o" in kernels:
                 launch_gemm_accumulate(
                     sc.att, self.wo[i], sc.acc_o, sc.acc_down, bn=c.o_bn, split=c.o_split, warps=c.o_warps, pdl=pdl
