@@ -129,7 +129,7 @@ class Buffers:
         self.w = {name: [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(DEPTH)]
                   for name, (n, k) in SHAPES.items()}  # fmt: skip
         self.x = {name: torch.randn(ROWS, k, device=dev, dtype=dt) for name, (n, k) in SHAPES.items()}
-        self.ws = torch.empty(8 * 16 * 8192, device=dev, dtype=torch.float32)
+        self.ws = torch.empty(16 * 16 * 8192, device=dev, dtype=torch.float32)  # split <= 16, 16 rows, N <= 8192
         # today's kernels: residual stream, modulation, RoPE tables, outputs, split-K workspaces and counters
         self.h = torch.randn(ROWS, 1024, device=dev, dtype=dt)
         self.mod = torch.randn(3 * 1024, device=dev) * 0.1
