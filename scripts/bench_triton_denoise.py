@@ -67,6 +67,7 @@ SWEEP: dict[str, list] = {  # field -> candidates (coordinate descent on the who
     "o_bk": [64, 128, 256],
     "io_bn": [16, 32, 64],
     "atomic_residual": [False, True],
+    "chain_splits": [(4, 8, 2, 8), (2, 8, 2, 8), (8, 8, 4, 8), (4, 8, 4, 8), (4, 4, 2, 4), (8, 8, 8, 8), (2, 4, 1, 4)],
 }
 
 

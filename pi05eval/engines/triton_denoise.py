@@ -51,6 +51,7 @@ from pi05eval.kernels import (
     resolve,
 )
 from pi05eval.kernels.atomic_triton import launch_gemm_accumulate, launch_residual_norm_gemm
+from pi05eval.kernels.chain_cuda import ChainShape, ExpertChain, unavailable_reason
 from pi05eval.kernels.stream_triton import launch_gemm_residual_stream, launch_norm_gemm_stream
 from pi05eval.kernels.tma_triton import TmaWeight, launch_gemm_residual_tma, launch_norm_gemm_tma
 
@@ -133,6 +134,7 @@ class TritonDenoise:
             self.wd = [layer.mlp.down_proj.weight.detach().contiguous() for layer in model.expert.layers]
             self.w_in, self.b_in = model.action_in.weight.detach(), model.action_in.bias.detach()  # [De, A], [De]
             self.w_out, self.b_out = model.action_out.weight.detach(), model.action_out.bias.detach()  # [A, De], [A]
+        self._chains: dict[ChainShape, ExpertChain] = {}  # shared by with_config copies
         self.config = self._resolve(config or ExpertKernelConfig())
         self._scratch: dict[tuple[int, int], _Scratch] = {}
         log.info("TritonDenoise: %d layers x %d kernels + %d, %s", cfg.depth, KERNELS_PER_LAYER, KERNELS_PER_STEP,
@@ -156,6 +158,10 @@ class TritonDenoise:
             raise ValueError("atomic_residual=True is not implemented with stream, tma or prefetch")
         if out.atomic_residual and (out.qkv_split != 1 or out.gu_split != 1):
             raise ValueError("atomic_residual=True needs whole-row norm kernels (qkv_split = gu_split = 1)")
+        if out.cuda_chain and (out.stream or out.tma or out.atomic_residual or out.prefetch or out.att_prefetch):
+            raise ValueError("cuda_chain=True is not implemented with stream, tma, atomic_residual or prefetch")
+        if out.cuda_chain and (reason := unavailable_reason(dev)):
+            raise RuntimeError(f"cuda_chain=True: the CUDA expert chain cannot run here: {reason}")
         # (kernel, layer) -> its launcher's prefetch arguments; bulk L2 prefetch is an sm_90 instruction
         self._prefetch = self._prefetch_schedule(out, hopper)
         # the GEMM launchers of this config, their weights and design-specific arguments per kernel
@@ -286,6 +292,10 @@ class TritonDenoise:
         pdl, tiles = self.pdl, self._gemm_tiles
         norm_gemm, gemm_residual = self._gemm_launchers
         pf, wts = self._prefetch, self._weights
+        if c.cuda_chain:
+            launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl)
+            self._chain_layers(sc, mods, cos, sin, ks, vs, key_mask, prefix_len, kernels)
+            return sc.h
         if c.atomic_residual:
             launch_action_in(x.view(-1, x.shape[-1]), self.w_in, self.b_in, sc.h, bn=c.io_bn, pdl=pdl, zero=sc.acc_o)
             self._atomic_layers(sc, mods, cos, sin, ks, vs, key_mask, prefix_len, kernels)
@@ -328,6 +338,33 @@ class TritonDenoise:
             heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5,
             bm=c.att_bm, bs=c.att_bs, dsplit=c.att_dsplit, warps=c.att_warps, pdl=self.pdl, **prefetch,
         )  # fmt: skip
+
+    def chain(self, batch: int) -> ExpertChain:
+        """The CUDA expert chain of `batch` (built on first use: fragment-ordered weights, NVRTC compile)."""
+        cfg = self.cfg
+        shape = ChainShape(
+            cfg.expert_width, cfg.expert_mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            batch * self.horizon, self.horizon, torch.cuda.get_device_properties(self.device).multi_processor_count,
+            splits=self.config.chain_splits,
+        )  # fmt: skip
+        if shape not in self._chains:
+            self._chains[shape] = ExpertChain(self.wqkv, self.wo, self.wgu, self.wd, shape, self.eps)
+        return self._chains[shape]
+
+    def _chain_layers(
+        self, sc: _Scratch, mods: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: torch.Tensor,
+        vs: torch.Tensor, key_mask: torch.Tensor, prefix_len: int, kernels: frozenset[str],
+    ) -> None:  # fmt: skip
+        """The expert layers of `run_layers` with `cuda_chain`: the chain's Q/K/V of layer 0, then per layer the
+        attention and one chain launch (O, gate|up, down of that layer and Q/K/V of the next)."""
+        chain = self.chain(cos.shape[0])
+        tables = mods.reshape(mods.shape[0], -1)  # [2 depth + 1, 3 De]
+        depth = self.cfg.depth
+        chain.launch(-1, 0, tables, sc.h, sc.att, sc.act, sc.qkv, cos, sin)
+        for i in range(depth):
+            if "attn" in kernels:
+                self._attention(sc, ks[i], vs[i], key_mask, prefix_len)
+            chain.launch(i, i + 1 if i + 1 < depth else -1, tables, sc.h, sc.att, sc.act, sc.qkv, cos, sin)
 
     def _atomic_layers(
         self, sc: _Scratch, mods: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: torch.Tensor,

@@ -31,7 +31,10 @@ class ExpertKernelConfig:
     box of *_bk-wide chunks) before the wait; the norm kernels then need qkv_split = gu_split = 1 (Hopper+).
     atomic_residual: the O and down projections add their split-K partials into an fp32 buffer by atomic adds and the
     next norm kernel applies the gated residual (`atomic_triton`; needs qkv_split = gu_split = 1, not with stream,
-    tma or prefetch; exact up to fp32 summation order, not bitwise repeatable).
+    tma or prefetch; exact up to fp32 summation order, not bitwise repeatable). cuda_chain: per layer, O, gate|up, down
+    and the next layer's Q/K/V as one persistent CUDA launch (`chain_cuda`; Hopper, bf16, batch x horizon <= 16;
+    not with stream, tma, atomic_residual or prefetch), with chain_splits the K splits of those four GEMMs over its
+    warps.
     Defaults: the best of a coordinate-descent sweep on an H200 (scripts/bench_triton_denoise.py).
     """
 
@@ -66,6 +69,8 @@ class ExpertKernelConfig:
     prefetch_at: int = 0
     tma: bool = False
     atomic_residual: bool = False
+    cuda_chain: bool = False
+    chain_splits: tuple[int, int, int, int] = (4, 8, 2, 8)
 
 
 def _pow2_at_most(value: int, limit: int) -> int:
@@ -93,6 +98,7 @@ def resolve(cfg: ExpertKernelConfig, width: int, mlp: int, q_width: int, head_di
         down_bn=_pow2_at_most(cfg.down_bn, width),
         down_split=max(1, min(cfg.down_split, mlp // 16)),
         io_bn=_pow2_at_most(cfg.io_bn, width),
+        chain_splits=tuple(cfg.chain_splits),  # a list from JSON (sweeps) -> hashable
     )
     dims = {"width": width, "mlp": mlp, "q_width": q_width, "head_dim": head_dim}
     bad = [f"{k}={v} is not a power of 2 >= 16" for k, v in dims.items() if not _is_pow2(v)]

@@ -1,0 +1,366 @@
+// One persistent launch per expert layer: O projection + gated residual, adaRMS + gate|up + GeGLU, down projection +
+// gated residual, then the next layer's adaRMS + Q/K/V + RoPE, separated by grid barriers (chain_cuda.py builds,
+// launches and documents it). Compiled by NVRTC; every size below is a -D constant, so all loops are static.
+//
+// Each of the NB blocks (one per SM) owns a contiguous range of 8-row weight tiles of every phase. Its tiles are
+// copied into shared memory by bulk asynchronous copies (one per phase) as soon as a buffer is free, so the
+// next phases' weights stream from HBM while this phase computes and waits at the grid barrier. Weights are stored
+// in mma fragment order (chain_cuda.fragment_order): one 16-byte shared-memory load per lane gives the B
+// operands of two m16n8k16 MMAs. Rows are the M action tokens (M <= 16, one MMA row tile).
+//
+// Numerics as the Triton kernels (expert_triton.py): fp32 accumulation; GEMM outputs, gelu, gated branches and
+// residual sums rounded to bf16 where PyTorch rounds them; the norm's statistics in fp32.
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NT (NW * 32)
+#define XS (D + 8)  // row stride of the normalized rows in shared memory (+8: conflict-free fragment loads)
+
+// tiles of 8 weight rows per phase, and the block's share
+#define T_QKV (NQKV / 8)
+#define T_O (D / 8)
+#define T_GU (2 * F / 8)
+#define T_DOWN (D / 8)
+#define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
+
+__device__ __forceinline__ float bf2f(u32 x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ u32 f2bf(float x) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float rnd(float x) { return bf2f(f2bf(x)); }
+__device__ __forceinline__ u32 pack2(float lo, float hi) { return f2bf(lo) | (f2bf(hi) << 16); }
+
+// loads of data other blocks write during the launch: L2 only (L1 is not coherent across SMs)
+__device__ __forceinline__ u32 ld_cg(const void* p) {
+    u32 v;
+    asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 ld_cg4(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void st_u32(void* p, u32 v) { asm volatile("st.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"); }
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// ---- bulk copies into shared memory, completed on an mbarrier ----
+__device__ __forceinline__ void mbar_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    }
+}
+
+// ---- grid barrier: arrival count + generation, reset by the last block to arrive ----
+__device__ __forceinline__ void grid_sync(u32* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 gen, arrived, now;
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(gen) : "l"(bar + 1) : "memory");
+        __threadfence();
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(arrived) : "l"(bar) : "memory");
+        if (arrived == gridDim.x - 1) {
+            asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(bar) : "memory");
+            asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(bar + 1), "r"(gen + 1) : "memory");
+        } else {
+            do {
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(bar + 1) : "memory");
+            } while (now == gen);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The block's tiles [t0, t0 + nt) of a phase: out[M, 8 nt] = a[M, K] @ w_tiles.T, K split S ways over the warps
+// (warp w: split w % S, tiles w / S, w / S + NW / S, ...). Partial sums go to red [S][maxt][32 lanes][4] fp32,
+// summed in split order by `tile_sums`. a: rows of the normalized input in shared memory (A_SMEM, stride XS) or
+// of a global activation (stride K).
+template <int K, int S, int MAXT, bool A_SMEM>
+__device__ __forceinline__ void gemm_tiles(const bf16_t* w, int nt, const bf16_t* a, float* red, int maxt) {
+    constexpr int G = NW / S;
+    constexpr int CH = K / S / 32;  // 32-wide K chunks per split
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    const int s = warp % S, grp = warp / S;
+    const bool lo = g < M, hi = g + 8 < M;
+    const int stride = A_SMEM ? XS : K;
+    const bf16_t* a_lo = a + g * stride + 2 * tig;
+    const bf16_t* a_hi = a + (g + 8) * stride + 2 * tig;
+    float acc[MAXT][4];
+#pragma unroll
+    for (int i = 0; i < MAXT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll 4
+    for (int c = 0; c < CH; ++c) {
+        const int chunk = s * CH + c;
+        const int k0 = chunk * 32;
+        u32 af[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int k = k0 + 16 * h;
+            if (A_SMEM) {
+                af[h][0] = lo ? *(const u32*)(a_lo + k) : 0u;
+                af[h][1] = hi ? *(const u32*)(a_hi + k) : 0u;
+                af[h][2] = lo ? *(const u32*)(a_lo + k + 8) : 0u;
+                af[h][3] = hi ? *(const u32*)(a_hi + k + 8) : 0u;
+            } else {
+                af[h][0] = lo ? ld_cg(a_lo + k) : 0u;
+                af[h][1] = hi ? ld_cg(a_hi + k) : 0u;
+                af[h][2] = lo ? ld_cg(a_lo + k + 8) : 0u;
+                af[h][3] = hi ? ld_cg(a_hi + k + 8) : 0u;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < MAXT; ++i) {
+            const int j = grp + i * G;
+            if (j < nt) {
+                const uint4 b = *(const uint4*)(w + ((size_t)(j * (K / 32) + chunk) * 32 + lane) * 8);
+                mma16816(acc[i], af[0], b.x, b.y);
+                mma16816(acc[i], af[1], b.z, b.w);
+            }
+        }
+    }
+    if (A_SMEM) __syncthreads();  // red aliases the normalized rows
+#pragma unroll
+    for (int i = 0; i < MAXT; ++i) {
+        const int j = grp + i * G;
+        if (j < nt) *(float4*)(red + ((s * maxt + j) * 32 + lane) * 4) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    }
+    __syncthreads();
+}
+
+// the whole sums of tile j, lane `lane`: c[0], c[1] at row g, columns 2 tig, 2 tig + 1; c[2], c[3] at row g + 8
+template <int S>
+__device__ __forceinline__ float4 tile_sums(const float* red, int j, int lane, int maxt) {
+    float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        const float4 p = *(const float4*)(red + ((s * maxt + j) * 32 + lane) * 4);
+        t.x += p.x; t.y += p.y; t.z += p.z; t.w += p.w;
+    }
+    return t;
+}
+
+// adaRMS of the M rows of h [M, D] into X (shared, stride XS): round(h * rstd * (1 + scale) + shift), fp32 math
+__device__ __forceinline__ void norm_rows(const bf16_t* h, const float* mod, bf16_t* X, float eps) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int V = CEIL_DIV(D / 8, 32);  // 16-byte vectors per lane (vector lane + 32 i of the row)
+    for (int r = warp; r < M; r += NW) {
+        uint4 v[V];
+        float ss = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            v[i] = make_uint4(0u, 0u, 0u, 0u);
+            if (i * 32 + lane < D / 8) v[i] = ld_cg4(h + r * D + (i * 32 + lane) * 8);
+            const u32 w4[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float x0 = bf2f(w4[e] & 0xffff), x1 = bf2f(w4[e] >> 16);
+                ss += x0 * x0 + x1 * x1;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float rstd = 1.f / sqrtf(ss / D + eps);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            const int k = (i * 32 + lane) * 8;
+            if (k >= D) continue;
+            const u32 w4[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+            u32 o4[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int kk = k + 2 * e;
+                const float y0 = bf2f(w4[e] & 0xffff) * rstd * (1.f + mod[kk]) + mod[D + kk];
+                const float y1 = bf2f(w4[e] >> 16) * rstd * (1.f + mod[kk + 1]) + mod[D + kk + 1];
+                o4[e] = pack2(y0, y1);
+            }
+            *(uint4*)(X + r * XS + k) = make_uint4(o4[0], o4[1], o4[2], o4[3]);
+        }
+    }
+    __syncthreads();
+}
+
+// h[r, n..n+1] += round(round(c) * round(gate)) for the two rows of a lane's fragment (O and down projections)
+__device__ __forceinline__ void residual_pair(bf16_t* h, const float* gate, int n, int g, float4 c) {
+    const float gt0 = rnd(gate[n]), gt1 = rnd(gate[n + 1]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = g + 8 * half;
+        if (r < M) {
+            bf16_t* p = h + r * D + n;
+            const u32 hv = ld_cg(p);
+            const float a = half ? c.z : c.x, b = half ? c.w : c.y;
+            st_u32(p, pack2(bf2f(hv & 0xffff) + rnd(rnd(a) * gt0), bf2f(hv >> 16) + rnd(rnd(b) * gt1)));
+        }
+    }
+}
+
+__device__ __forceinline__ void issue(u32 dst, const bf16_t* src, int tiles, int k, u32 bar) {
+    if (tiles > 0) bulk_load(dst, src, (u32)tiles * 8u * (u32)k * 2u, bar);
+}
+
+__device__ __forceinline__ int tile_lo(int t_total) { return (int)(((long long)blockIdx.x * t_total) / NB); }
+__device__ __forceinline__ int tile_hi(int t_total) { return (int)(((long long)(blockIdx.x + 1) * t_total) / NB); }
+
+extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
+    const bf16_t* __restrict__ wqkv,  // [depth, T_QKV, D/32, 32, 8] fragment order, RoPE pairs interleaved
+    const bf16_t* __restrict__ wo,    // [depth, T_O, NQ/32, 32, 8]
+    const bf16_t* __restrict__ wgu,   // [depth, T_GU, D/32, 32, 8], rows gate j / up j interleaved
+    const bf16_t* __restrict__ wd,    // [depth, T_DOWN, F/32, 32, 8]
+    const float* __restrict__ mods,   // [2 depth + 1, 3 D] fp32: this step's adaRMS (scale | shift | gate)
+    bf16_t* h,                        // [M, D] residual stream, updated in place
+    const bf16_t* att,                // [M, NQ] attention output (the previous launch's)
+    bf16_t* act,                      // [M, F] gelu(gate) * up
+    bf16_t* qkv,                      // [M, NQKV] q | k | v, RoPE applied
+    const bf16_t* __restrict__ cosp,  // [B, 1, L, HD]
+    const bf16_t* __restrict__ sinp,
+    int cs_b, int cs_l,               // strides (elements) of cos / sin over batch and position
+    u32* gbar,                        // [2] grid barrier (count, generation), zero-initialized once
+    int layer,                        // O, gate|up, down of this layer; < 0: none
+    int qkv_layer,                    // Q/K/V of this layer after them; < 0: none
+    float eps) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16_t* slot_a = (bf16_t*)smem;                       // gate|up, then the next Q/K/V
+    bf16_t* slot_b = (bf16_t*)(smem + SLOT_A);            // O, then down
+    bf16_t* X = (bf16_t*)(smem + SLOT_A + SLOT_B);        // normalized rows; reused for the partial sums
+    float* red = (float*)X;
+    u64* bars = (u64*)(smem + SLOT_A + SLOT_B + X_BYTES);
+    const u32 bar_a = smem_addr(bars), bar_b = smem_addr(bars + 1);
+    const int tid = threadIdx.x;
+    u32 par_a = 0, par_b = 0;
+
+    const int o0 = tile_lo(T_O), no = tile_hi(T_O) - o0;
+    const int gu0 = tile_lo(T_GU), ngu = tile_hi(T_GU) - gu0;
+    const int d0 = tile_lo(T_DOWN), nd = tile_hi(T_DOWN) - d0;
+    const int q0 = tile_lo(T_QKV), nq = tile_hi(T_QKV) - q0;
+
+    if (tid == 0) {
+        mbar_init(bar_a);
+        mbar_init(bar_b);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        if (layer >= 0) {  // weights never change: copy them before waiting for the previous kernel
+            issue(smem_addr(slot_b), wo + ((size_t)layer * T_O + o0) * 8 * NQ, no, NQ, bar_b);
+            issue(smem_addr(slot_a), wgu + ((size_t)layer * T_GU + gu0) * 8 * D, ngu, D, bar_a);
+        } else {
+            issue(smem_addr(slot_a), wqkv + ((size_t)qkv_layer * T_QKV + q0) * 8 * D, nq, D, bar_a);
+        }
+    }
+    // dependents may start once every block got here (all blocks are resident: grid_sync cannot deadlock)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous kernel (h, att written) is complete
+    __syncthreads();
+
+    if (layer >= 0) {
+        const float* mod_attn = mods + (size_t)(2 * layer) * 3 * D;
+        const float* mod_mlp = mods + (size_t)(2 * layer + 1) * 3 * D;
+        // ---- O projection + gated residual ----
+        if (no > 0) {  // no copy was issued for a block without tiles
+            mbar_wait(bar_b, par_b);
+            par_b ^= 1;
+        }
+        gemm_tiles<NQ, S_O, CEIL_DIV(MAXT_O, NW / S_O), false>(slot_b, no, att, red, MAXT_O);
+        for (int i = tid; i < no * 32; i += NT) {
+            const int j = i >> 5, ln = i & 31;
+            residual_pair(h, mod_attn + 2 * D, 8 * (o0 + j) + 2 * (ln & 3), ln >> 2, tile_sums<S_O>(red, j, ln, MAXT_O));
+        }
+        __syncthreads();  // slot_b and red are free
+        if (tid == 0) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            issue(smem_addr(slot_b), wd + ((size_t)layer * T_DOWN + d0) * 8 * F, nd, F, bar_b);
+        }
+        grid_sync(gbar);
+        // ---- adaRMS + gate|up + GeGLU ----
+        norm_rows(h, mod_mlp, X, eps);
+        if (ngu > 0) {  // no copy was issued for a block without tiles
+            mbar_wait(bar_a, par_a);
+            par_a ^= 1;
+        }
+        gemm_tiles<D, S_GU, CEIL_DIV(MAXT_GU, NW / S_GU), true>(slot_a, ngu, X, red, MAXT_GU);
+        for (int i = tid; i < ngu * 32; i += NT) {
+            const int j = i >> 5, ln = i & 31, g = ln >> 2;
+            const float4 c = tile_sums<S_GU>(red, j, ln, MAXT_GU);
+            const int col = 4 * (gu0 + j) + (ln & 3);  // pair (gate col, up col) of weight rows 2 col, 2 col + 1
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = g + 8 * half;
+                if (r < M) {
+                    const float a = rnd(half ? c.z : c.x), b = rnd(half ? c.w : c.y);
+                    const float inner = 0.7978845608028654f * (a + 0.044715f * a * a * a);
+                    const float gelu = rnd(a / (1.f + __expf(-2.f * inner)));
+                    act[r * F + col] = (bf16_t)f2bf(gelu * b);
+                }
+            }
+        }
+        __syncthreads();
+        if (tid == 0 && qkv_layer >= 0) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            issue(smem_addr(slot_a), wqkv + ((size_t)qkv_layer * T_QKV + q0) * 8 * D, nq, D, bar_a);
+        }
+        grid_sync(gbar);
+        // ---- down projection + gated residual ----
+        if (nd > 0) {  // no copy was issued for a block without tiles
+            mbar_wait(bar_b, par_b);
+            par_b ^= 1;
+        }
+        gemm_tiles<F, S_DOWN, CEIL_DIV(MAXT_DOWN, NW / S_DOWN), false>(slot_b, nd, act, red, MAXT_DOWN);
+        for (int i = tid; i < nd * 32; i += NT) {
+            const int j = i >> 5, ln = i & 31;
+            residual_pair(h, mod_mlp + 2 * D, 8 * (d0 + j) + 2 * (ln & 3), ln >> 2, tile_sums<S_DOWN>(red, j, ln, MAXT_DOWN));
+        }
+        if (qkv_layer < 0) return;
+        grid_sync(gbar);
+    }
+    // ---- adaRMS + Q/K/V + RoPE of qkv_layer ----
+    const float* mod_q = mods + (size_t)(2 * qkv_layer) * 3 * D;
+    norm_rows(h, mod_q, X, eps);
+    if (nq > 0) mbar_wait(bar_a, par_a);
+    gemm_tiles<D, S_QKV, CEIL_DIV(MAXT_QKV, NW / S_QKV), true>(slot_a, nq, X, red, MAXT_QKV);
+    for (int i = tid; i < nq * 32; i += NT) {
+        const int j = i >> 5, ln = i & 31, g = ln >> 2;
+        const float4 c = tile_sums<S_QKV>(red, j, ln, MAXT_QKV);
+        const int n = 8 * (q0 + j) + 2 * (ln & 3);         // interleaved row pair (d, d + HD/2) of one head
+        const int col = (n / HD) * HD + (n % HD) / 2;      // output column of its first half
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = g + 8 * half;
+            if (r < M) {
+                float a = rnd(half ? c.z : c.x), b = rnd(half ? c.w : c.y);
+                if (n < ROPE_N) {
+                    const int cs = (r / L) * cs_b + (r % L) * cs_l + col % HD;
+                    const float cos1 = bf2f(cosp[cs]), sin1 = bf2f(sinp[cs]);
+                    const float cos2 = bf2f(cosp[cs + HD / 2]), sin2 = bf2f(sinp[cs + HD / 2]);
+                    const float a2 = a * cos1 - b * sin1;
+                    b = b * cos2 + a * sin2;
+                    a = a2;
+                }
+                qkv[r * NQKV + col] = (bf16_t)f2bf(a);
+                qkv[r * NQKV + col + HD / 2] = (bf16_t)f2bf(b);
+            }
+        }
+    }
+}
