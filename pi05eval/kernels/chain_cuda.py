@@ -15,6 +15,7 @@ Pi0.5 in bf16). Needs a Hopper GPU (bulk copies, griddepcontrol), bf16 activatio
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class ChainShape:
     blocks: int  # one per SM
     warps: int = 8
     splits: tuple[int, int, int, int] = (4, 8, 2, 8)  # K splits of Q/K/V, O, gate|up, down
+    switches: tuple[str, ...] = ()  # measurement switches of expert_chain.cu ("NO_SYNC", "PROBE=1", ...)
 
     @property
     def phases(self) -> dict[str, tuple[int, int, int]]:
@@ -80,6 +82,12 @@ class ChainShape:
             bad.append(f"{self.rows} action rows (batch x horizon): the kernel takes 1 to {MAX_ROWS}")
         if self.width % 32 or self.mlp % 32 or self.head_dim % 2:
             bad.append(f"width {self.width} / mlp {self.mlp} must be multiples of 32, head_dim even")
+        if self.width > 128 * self.warps:
+            bad.append(f"width {self.width}: the norm takes 4 columns per thread ({32 * self.warps} threads)")
+        threads = 32 * self.warps
+        for name, (tiles, _, _) in self.phases.items():
+            if 32 * max_tiles(tiles, self.blocks) > threads:
+                bad.append(f"{name}: {max_tiles(tiles, self.blocks)} tiles per block need > {threads} threads")
         for name, (_, k, split) in self.phases.items():
             if k % (32 * split) or self.warps % split:
                 bad.append(f"{name}: K {k} does not split {split} ways into 32-wide chunks over {self.warps} warps")
@@ -111,10 +119,11 @@ class ChainShape:
         for name, (tiles, _, split) in ph.items():
             consts[f"S_{name.upper()}"] = split
             consts[f"MAXT_{name.upper()}"] = max_tiles(tiles, self.blocks)
-        return [f"-D{k}={v}" for k, v in consts.items()]
+        switches = [f"-DCHAIN_{s}" if "=" in s else f"-DCHAIN_{s}=1" for s in self.switches]
+        return [f"-D{k}={v}" for k, v in consts.items()] + switches
 
     def smem_bytes(self) -> int:
-        return sum(self.smem()) + 16  # + two mbarriers
+        return sum(self.smem()) + 4 * 16 * self.warps + 16  # + row sums of squares, two mbarriers
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -178,12 +187,23 @@ class ExpertChain:
                 k: torch.stack([fragment_order(w) for w in ws]).contiguous()
                 for k, ws in (("qkv", wqkv), ("o", wo), ("gu", wgu), ("down", wd))
             }
-        self.barrier = torch.zeros(2, dtype=torch.int32, device=device)
+        # grid barrier (count, generation), then the PROBE switch's clock stamps: 10 per launch
+        self.barrier = torch.zeros(2 + 10 * (len(wqkv) + 1), dtype=torch.int32, device=device)
         self.kernel = _compiled(shape, device.index if device.index is not None else torch.cuda.current_device())
         self._libcuda = torch.cuda._utils._get_gpu_runtime_library()
         self._attr = _LaunchAttribute(id=_PDL_ATTRIBUTE, value=1)
         log.info("expert chain: %d blocks x %d warps, %d KB shared memory", shape.blocks, shape.warps,
                  shape.smem_bytes() // 1024)  # fmt: skip
+
+    def variant(self, **changes: object) -> ExpertChain:
+        """A copy with another shape (splits, measurement switches), sharing the weights."""
+        other = object.__new__(ExpertChain)
+        other.__dict__.update(self.__dict__)
+        other.shape = dataclasses.replace(self.shape, **changes)
+        other.shape.check()
+        other.barrier = torch.zeros_like(self.barrier)
+        other.kernel = _compiled(other.shape, self.barrier.device.index or 0)
+        return other
 
     def launch(
         self, layer: int, qkv_layer: int, mods: torch.Tensor, h: torch.Tensor, att: torch.Tensor, act: torch.Tensor,

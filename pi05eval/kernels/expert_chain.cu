@@ -25,6 +25,20 @@ typedef unsigned long long u64;
 #define T_DOWN (D / 8)
 #define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
 
+// Measurement switches (scripts/bench_expert_chain.py; the engine sets none): CHAIN_PROBE stamps the SM clock at
+// the phase boundaries of block CHAIN_PROBE - 1 into gbar[2 + 10 (layer + 1) + k]; CHAIN_NO_COPY, CHAIN_NO_SYNC,
+// CHAIN_NO_MMA, CHAIN_NO_NORM drop the weight copies, grid barriers, MMA loops, adaRMS passes (results invalid).
+#ifdef CHAIN_PROBE
+#define STAMP(k)                                                                                                  \
+    if (blockIdx.x == CHAIN_PROBE - 1 && threadIdx.x == 0) {                                                      \
+        u64 t;                                                                                                    \
+        asm volatile("mov.u64 %0, %%clock64;" : "=l"(t));                                                     \
+        gbar[2 + 10 * (layer + 1) + (k)] = (u32)t;                                                                \
+    }
+#else
+#define STAMP(k)
+#endif
+
 __device__ __forceinline__ float bf2f(u32 x) { return __uint_as_float(x << 16); }
 __device__ __forceinline__ u32 f2bf(float x) {
     unsigned short r;
@@ -35,16 +49,8 @@ __device__ __forceinline__ float rnd(float x) { return bf2f(f2bf(x)); }
 __device__ __forceinline__ u32 pack2(float lo, float hi) { return f2bf(lo) | (f2bf(hi) << 16); }
 
 // loads of data other blocks write during the launch: L2 only (L1 is not coherent across SMs)
-__device__ __forceinline__ u32 ld_cg(const void* p) {
-    u32 v;
-    asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ uint4 ld_cg4(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+__device__ __forceinline__ u32 ld_cg(const void* p) { return __ldcg((const unsigned int*)p); }
+__device__ __forceinline__ uint2 ld_cg2(const void* p) { return __ldcg((const uint2*)p); }
 __device__ __forceinline__ void st_u32(void* p, u32 v) { asm volatile("st.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"); }
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -60,6 +66,9 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
         ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+#ifdef CHAIN_NO_COPY
+    return;
+#endif
     u32 done = 0;
     while (!done) {
         asm volatile(
@@ -71,10 +80,12 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 // ---- grid barrier: arrival count + generation, reset by the last block to arrive ----
 __device__ __forceinline__ void grid_sync(u32* bar) {
     __syncthreads();
+#ifdef CHAIN_NO_SYNC
+    return;
+#endif
     if (threadIdx.x == 0) {
         u32 gen, arrived, now;
         asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(gen) : "l"(bar + 1) : "memory");
-        __threadfence();
         asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(arrived) : "l"(bar) : "memory");
         if (arrived == gridDim.x - 1) {
             asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(bar) : "memory");
@@ -84,13 +95,12 @@ __device__ __forceinline__ void grid_sync(u32* bar) {
                 asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(bar + 1) : "memory");
             } while (now == gen);
         }
-        __threadfence();
     }
     __syncthreads();
 }
 
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -114,33 +124,44 @@ __device__ __forceinline__ void gemm_tiles(const bf16_t* w, int nt, const bf16_t
     float acc[MAXT][4];
 #pragma unroll
     for (int i = 0; i < MAXT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < CH; ++c) {
-        const int chunk = s * CH + c;
-        const int k0 = chunk * 32;
-        u32 af[2][4];
+#ifdef CHAIN_NO_MMA
+    constexpr int CH_RUN = 0;
+#else
+    constexpr int CH_RUN = CH;
+#endif
+    constexpr int BATCH = CH < 8 ? CH : 8;  // chunks whose A operands are loaded before their MMAs
+    for (int c0 = 0; c0 < CH_RUN; c0 += BATCH) {
+        u32 af[BATCH][2][4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int k = k0 + 16 * h;
-            if (A_SMEM) {
-                af[h][0] = lo ? *(const u32*)(a_lo + k) : 0u;
-                af[h][1] = hi ? *(const u32*)(a_hi + k) : 0u;
-                af[h][2] = lo ? *(const u32*)(a_lo + k + 8) : 0u;
-                af[h][3] = hi ? *(const u32*)(a_hi + k + 8) : 0u;
-            } else {
-                af[h][0] = lo ? ld_cg(a_lo + k) : 0u;
-                af[h][1] = hi ? ld_cg(a_hi + k) : 0u;
-                af[h][2] = lo ? ld_cg(a_lo + k + 8) : 0u;
-                af[h][3] = hi ? ld_cg(a_hi + k + 8) : 0u;
+        for (int c = 0; c < BATCH; ++c) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int k = (s * CH + c0 + c) * 32 + 16 * hh;
+                const bool ok = c0 + c < CH;
+                if (A_SMEM) {
+                    af[c][hh][0] = ok && lo ? *(const u32*)(a_lo + k) : 0u;
+                    af[c][hh][1] = ok && hi ? *(const u32*)(a_hi + k) : 0u;
+                    af[c][hh][2] = ok && lo ? *(const u32*)(a_lo + k + 8) : 0u;
+                    af[c][hh][3] = ok && hi ? *(const u32*)(a_hi + k + 8) : 0u;
+                } else {
+                    af[c][hh][0] = ok && lo ? ld_cg(a_lo + k) : 0u;
+                    af[c][hh][1] = ok && hi ? ld_cg(a_hi + k) : 0u;
+                    af[c][hh][2] = ok && lo ? ld_cg(a_lo + k + 8) : 0u;
+                    af[c][hh][3] = ok && hi ? ld_cg(a_hi + k + 8) : 0u;
+                }
             }
         }
 #pragma unroll
-        for (int i = 0; i < MAXT; ++i) {
-            const int j = grp + i * G;
-            if (j < nt) {
-                const uint4 b = *(const uint4*)(w + ((size_t)(j * (K / 32) + chunk) * 32 + lane) * 8);
-                mma16816(acc[i], af[0], b.x, b.y);
-                mma16816(acc[i], af[1], b.z, b.w);
+        for (int c = 0; c < BATCH; ++c) {
+            const int chunk = s * CH + c0 + c;
+#pragma unroll
+            for (int i = 0; i < MAXT; ++i) {
+                const int j = grp + i * G;
+                if (j < nt && c0 + c < CH) {
+                    const uint4 b = *(const uint4*)(w + ((size_t)(j * (K / 32) + chunk) * 32 + lane) * 8);
+                    mma16816(acc[i], af[c][0], b.x, b.y);
+                    mma16816(acc[i], af[c][1], b.z, b.w);
+                }
             }
         }
     }
@@ -165,62 +186,98 @@ __device__ __forceinline__ float4 tile_sums(const float* red, int j, int lane, i
     return t;
 }
 
-// adaRMS of the M rows of h [M, D] into X (shared, stride XS): round(h * rstd * (1 + scale) + shift), fp32 math
-__device__ __forceinline__ void norm_rows(const bf16_t* h, const float* mod, bf16_t* X, float eps) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int V = CEIL_DIV(D / 8, 32);  // 16-byte vectors per lane (vector lane + 32 i of the row)
-    for (int r = warp; r < M; r += NW) {
-        uint4 v[V];
-        float ss = 0.f;
+// (1 + scale), shift of the 4 columns 4 t .. 4 t + 3 that thread t normalizes (static: loaded before any wait)
+struct NormCols {
+    float sc[4], sh[4];
+};
+__device__ __forceinline__ NormCols norm_cols(const float* mod) {
+    NormCols m;
+    const int k = 4 * threadIdx.x;
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-            v[i] = make_uint4(0u, 0u, 0u, 0u);
-            if (i * 32 + lane < D / 8) v[i] = ld_cg4(h + r * D + (i * 32 + lane) * 8);
-            const u32 w4[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+    for (int e = 0; e < 4; ++e) {
+        m.sc[e] = k < D ? 1.f + mod[k + e] : 0.f;
+        m.sh[e] = k < D ? mod[D + k + e] : 0.f;
+    }
+    return m;
+}
+
+// adaRMS of the M rows of h [M, D] into X (shared, stride XS): round(h * rstd * (1 + scale) + shift), fp32 math;
+// thread t holds columns 4 t .. 4 t + 3 of every row, the row sums of squares meet in ss [NW][16]
+__device__ __forceinline__ void norm_rows(const bf16_t* h, const NormCols& m, bf16_t* X, float* ss, float eps) {
+#ifdef CHAIN_NO_NORM
+    __syncthreads();
+    return;
+#endif
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, k = 4 * threadIdx.x;
+    const bool on = k < D;
+    float x[M][4], part[M];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float x0 = bf2f(w4[e] & 0xffff), x1 = bf2f(w4[e] >> 16);
-                ss += x0 * x0 + x1 * x1;
-            }
-        }
+    for (int r = 0; r < M; ++r) {
+        const uint2 v = on ? ld_cg2(h + r * D + k) : make_uint2(0u, 0u);
+        x[r][0] = bf2f(v.x & 0xffff), x[r][1] = bf2f(v.x >> 16), x[r][2] = bf2f(v.y & 0xffff), x[r][3] = bf2f(v.y >> 16);
+    }
 #pragma unroll
-        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        const float rstd = 1.f / sqrtf(ss / D + eps);
+    for (int r = 0; r < M; ++r) {
+        part[r] = x[r][0] * x[r][0] + x[r][1] * x[r][1] + x[r][2] * x[r][2] + x[r][3] * x[r][3];
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-            const int k = (i * 32 + lane) * 8;
-            if (k >= D) continue;
-            const u32 w4[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
-            u32 o4[4];
+        for (int o = 16; o; o >>= 1) part[r] += __shfl_xor_sync(0xffffffffu, part[r], o);
+    }
+    if (lane == 0) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int kk = k + 2 * e;
-                const float y0 = bf2f(w4[e] & 0xffff) * rstd * (1.f + mod[kk]) + mod[D + kk];
-                const float y1 = bf2f(w4[e] >> 16) * rstd * (1.f + mod[kk + 1]) + mod[D + kk + 1];
-                o4[e] = pack2(y0, y1);
-            }
-            *(uint4*)(X + r * XS + k) = make_uint4(o4[0], o4[1], o4[2], o4[3]);
+        for (int r = 0; r < M; ++r) ss[warp * 16 + r] = part[r];
+    }
+    __syncthreads();
+    if (on) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            float tot = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) tot += ss[w * 16 + r];
+            const float rstd = 1.f / sqrtf(tot / D + eps);
+            float y[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) y[e] = x[r][e] * rstd * m.sc[e] + m.sh[e];
+            *(uint2*)(X + r * XS + k) = make_uint2(pack2(y[0], y[1]), pack2(y[2], y[3]));
         }
     }
     __syncthreads();
 }
 
-// h[r, n..n+1] += round(round(c) * round(gate)) for the two rows of a lane's fragment (O and down projections)
-__device__ __forceinline__ void residual_pair(bf16_t* h, const float* gate, int n, int g, float4 c) {
-    const float gt0 = rnd(gate[n]), gt1 = rnd(gate[n + 1]);
+// the gated residual of one lane's fragment (two rows g, g + 8; columns n, n + 1): gate rounded to bf16, and h's
+// two current pairs (loaded ahead of the GEMM)
+struct Residual {
+    float gt0, gt1;
+    u32 h[2];
+};
+__device__ __forceinline__ Residual residual_gate(const float* gate, int n) {
+    Residual r;
+    r.gt0 = rnd(gate[n]), r.gt1 = rnd(gate[n + 1]);
+    r.h[0] = r.h[1] = 0u;
+    return r;
+}
+__device__ __forceinline__ void residual_load(Residual& res, const bf16_t* h, int n, int g) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+        if (g + 8 * half < M) res.h[half] = ld_cg(h + (g + 8 * half) * D + n);
+}
+// h[r, n..n+1] += round(round(c) * gate); res.h becomes the new values
+__device__ __forceinline__ void residual_store(Residual& res, bf16_t* h, int n, int g, float4 c) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = g + 8 * half;
         if (r < M) {
-            bf16_t* p = h + r * D + n;
-            const u32 hv = ld_cg(p);
+            const u32 hv = res.h[half];
             const float a = half ? c.z : c.x, b = half ? c.w : c.y;
-            st_u32(p, pack2(bf2f(hv & 0xffff) + rnd(rnd(a) * gt0), bf2f(hv >> 16) + rnd(rnd(b) * gt1)));
+            res.h[half] = pack2(bf2f(hv & 0xffff) + rnd(rnd(a) * res.gt0), bf2f(hv >> 16) + rnd(rnd(b) * res.gt1));
+            st_u32(h + r * D + n, res.h[half]);
         }
     }
 }
 
 __device__ __forceinline__ void issue(u32 dst, const bf16_t* src, int tiles, int k, u32 bar) {
+#ifdef CHAIN_NO_COPY
+    return;
+#endif
     if (tiles > 0) bulk_load(dst, src, (u32)tiles * 8u * (u32)k * 2u, bar);
 }
 
@@ -240,23 +297,26 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
     const bf16_t* __restrict__ cosp,  // [B, 1, L, HD]
     const bf16_t* __restrict__ sinp,
     int cs_b, int cs_l,               // strides (elements) of cos / sin over batch and position
-    u32* gbar,                        // [2] grid barrier (count, generation), zero-initialized once
+    u32* gbar,                        // [2 + ...] grid barrier (count, generation), zero-initialized once
     int layer,                        // O, gate|up, down of this layer; < 0: none
     int qkv_layer,                    // Q/K/V of this layer after them; < 0: none
     float eps) {
+    static_assert(MAXT_O * 32 <= NT && MAXT_DOWN * 32 <= NT && MAXT_GU * 32 <= NT && MAXT_QKV * 32 <= NT,
+                  "one epilogue fragment per thread");
+    static_assert(D <= 4 * NT && T_O == T_DOWN, "norm columns per thread; O and down share their column tiles");
     extern __shared__ __align__(128) unsigned char smem[];
     bf16_t* slot_a = (bf16_t*)smem;                       // gate|up, then the next Q/K/V
     bf16_t* slot_b = (bf16_t*)(smem + SLOT_A);            // O, then down
     bf16_t* X = (bf16_t*)(smem + SLOT_A + SLOT_B);        // normalized rows; reused for the partial sums
     float* red = (float*)X;
-    u64* bars = (u64*)(smem + SLOT_A + SLOT_B + X_BYTES);
+    float* ss = (float*)(smem + SLOT_A + SLOT_B + X_BYTES);  // [NW][16] row sums of squares
+    u64* bars = (u64*)(ss + NW * 16);
     const u32 bar_a = smem_addr(bars), bar_b = smem_addr(bars + 1);
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, ln = tid & 31, g = ln >> 2, tig = ln & 3;
     u32 par_a = 0, par_b = 0;
 
-    const int o0 = tile_lo(T_O), no = tile_hi(T_O) - o0;
+    const int o0 = tile_lo(T_O), no = tile_hi(T_O) - o0;  // also the down tiles (T_O == T_DOWN)
     const int gu0 = tile_lo(T_GU), ngu = tile_hi(T_GU) - gu0;
-    const int d0 = tile_lo(T_DOWN), nd = tile_hi(T_DOWN) - d0;
     const int q0 = tile_lo(T_QKV), nq = tile_hi(T_QKV) - q0;
 
     if (tid == 0) {
@@ -270,41 +330,63 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
             issue(smem_addr(slot_a), wqkv + ((size_t)qkv_layer * T_QKV + q0) * 8 * D, nq, D, bar_a);
         }
     }
+    // static operands of the epilogues and norms, loaded before the wait
+    const int n_res = 8 * (o0 + (tid >> 5)) + 2 * tig;  // O / down: this thread's output column pair
+    const float* mod_attn = mods + (size_t)(2 * (layer < 0 ? 0 : layer)) * 3 * D;
+    const float* mod_mlp = mod_attn + 3 * D;
+    const float* mod_q = mods + (size_t)(2 * (qkv_layer < 0 ? 0 : qkv_layer)) * 3 * D;
+    Residual res_o = residual_gate(mod_attn + 2 * D, tid < no * 32 ? n_res : 0);
+    Residual res_d = residual_gate(mod_mlp + 2 * D, tid < no * 32 ? n_res : 0);
+    const NormCols cols_mlp = norm_cols(mod_mlp), cols_q = norm_cols(mod_q);
+    const int n_q = 8 * (q0 + (tid >> 5)) + 2 * tig;  // Q/K/V: interleaved row pair (d, d + HD/2) of one head
+    const int col_q = (n_q / HD) * HD + (n_q % HD) / 2;  // output column of its first half
+    float rope[2][4] = {{1.f, 0.f, 1.f, 0.f}, {1.f, 0.f, 1.f, 0.f}};  // cos1, sin1, cos2, sin2 per row
+    if (qkv_layer >= 0 && tid < nq * 32 && n_q < ROPE_N) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = g + 8 * half;
+            if (r < M) {
+                const int cs = (r / L) * cs_b + (r % L) * cs_l + col_q % HD;
+                rope[half][0] = bf2f(cosp[cs]), rope[half][1] = bf2f(sinp[cs]);
+                rope[half][2] = bf2f(cosp[cs + HD / 2]), rope[half][3] = bf2f(sinp[cs + HD / 2]);
+            }
+        }
+    }
     // dependents may start once every block got here (all blocks are resident: grid_sync cannot deadlock)
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    STAMP(0);
     asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous kernel (h, att written) is complete
     __syncthreads();
+    STAMP(1);
 
     if (layer >= 0) {
-        const float* mod_attn = mods + (size_t)(2 * layer) * 3 * D;
-        const float* mod_mlp = mods + (size_t)(2 * layer + 1) * 3 * D;
         // ---- O projection + gated residual ----
+        if (tid < no * 32) residual_load(res_o, h, n_res, g);
         if (no > 0) {  // no copy was issued for a block without tiles
             mbar_wait(bar_b, par_b);
             par_b ^= 1;
         }
         gemm_tiles<NQ, S_O, CEIL_DIV(MAXT_O, NW / S_O), false>(slot_b, no, att, red, MAXT_O);
-        for (int i = tid; i < no * 32; i += NT) {
-            const int j = i >> 5, ln = i & 31;
-            residual_pair(h, mod_attn + 2 * D, 8 * (o0 + j) + 2 * (ln & 3), ln >> 2, tile_sums<S_O>(red, j, ln, MAXT_O));
-        }
+        if (tid < no * 32) residual_store(res_o, h, n_res, g, tile_sums<S_O>(red, tid >> 5, ln, MAXT_O));
         __syncthreads();  // slot_b and red are free
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            issue(smem_addr(slot_b), wd + ((size_t)layer * T_DOWN + d0) * 8 * F, nd, F, bar_b);
+            issue(smem_addr(slot_b), wd + ((size_t)layer * T_DOWN + o0) * 8 * F, no, F, bar_b);
         }
+        STAMP(2);
         grid_sync(gbar);
+        STAMP(3);
         // ---- adaRMS + gate|up + GeGLU ----
-        norm_rows(h, mod_mlp, X, eps);
-        if (ngu > 0) {  // no copy was issued for a block without tiles
+        norm_rows(h, cols_mlp, X, ss, eps);
+        if (ngu > 0) {
             mbar_wait(bar_a, par_a);
             par_a ^= 1;
         }
+        STAMP(9);
         gemm_tiles<D, S_GU, CEIL_DIV(MAXT_GU, NW / S_GU), true>(slot_a, ngu, X, red, MAXT_GU);
-        for (int i = tid; i < ngu * 32; i += NT) {
-            const int j = i >> 5, ln = i & 31, g = ln >> 2;
-            const float4 c = tile_sums<S_GU>(red, j, ln, MAXT_GU);
-            const int col = 4 * (gu0 + j) + (ln & 3);  // pair (gate col, up col) of weight rows 2 col, 2 col + 1
+        if (tid < ngu * 32) {
+            const float4 c = tile_sums<S_GU>(red, tid >> 5, ln, MAXT_GU);
+            const int col = 4 * (gu0 + (tid >> 5)) + tig;  // pair (gate col, up col) of weight rows 2 col, 2 col + 1
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = g + 8 * half;
@@ -321,46 +403,42 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             issue(smem_addr(slot_a), wqkv + ((size_t)qkv_layer * T_QKV + q0) * 8 * D, nq, D, bar_a);
         }
+        STAMP(4);
         grid_sync(gbar);
-        // ---- down projection + gated residual ----
-        if (nd > 0) {  // no copy was issued for a block without tiles
+        STAMP(5);
+        // ---- down projection + gated residual (h of these columns: this block's O phase wrote it) ----
+        res_d.h[0] = res_o.h[0], res_d.h[1] = res_o.h[1];
+        if (no > 0) {
             mbar_wait(bar_b, par_b);
             par_b ^= 1;
         }
-        gemm_tiles<F, S_DOWN, CEIL_DIV(MAXT_DOWN, NW / S_DOWN), false>(slot_b, nd, act, red, MAXT_DOWN);
-        for (int i = tid; i < nd * 32; i += NT) {
-            const int j = i >> 5, ln = i & 31;
-            residual_pair(h, mod_mlp + 2 * D, 8 * (d0 + j) + 2 * (ln & 3), ln >> 2, tile_sums<S_DOWN>(red, j, ln, MAXT_DOWN));
-        }
+        gemm_tiles<F, S_DOWN, CEIL_DIV(MAXT_DOWN, NW / S_DOWN), false>(slot_b, no, act, red, MAXT_DOWN);
+        if (tid < no * 32) residual_store(res_d, h, n_res, g, tile_sums<S_DOWN>(red, tid >> 5, ln, MAXT_DOWN));
+        STAMP(6);
         if (qkv_layer < 0) return;
         grid_sync(gbar);
+        STAMP(7);
     }
     // ---- adaRMS + Q/K/V + RoPE of qkv_layer ----
-    const float* mod_q = mods + (size_t)(2 * qkv_layer) * 3 * D;
-    norm_rows(h, mod_q, X, eps);
+    norm_rows(h, cols_q, X, ss, eps);
     if (nq > 0) mbar_wait(bar_a, par_a);
     gemm_tiles<D, S_QKV, CEIL_DIV(MAXT_QKV, NW / S_QKV), true>(slot_a, nq, X, red, MAXT_QKV);
-    for (int i = tid; i < nq * 32; i += NT) {
-        const int j = i >> 5, ln = i & 31, g = ln >> 2;
-        const float4 c = tile_sums<S_QKV>(red, j, ln, MAXT_QKV);
-        const int n = 8 * (q0 + j) + 2 * (ln & 3);         // interleaved row pair (d, d + HD/2) of one head
-        const int col = (n / HD) * HD + (n % HD) / 2;      // output column of its first half
+    if (tid < nq * 32) {
+        const float4 c = tile_sums<S_QKV>(red, tid >> 5, ln, MAXT_QKV);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int r = g + 8 * half;
             if (r < M) {
                 float a = rnd(half ? c.z : c.x), b = rnd(half ? c.w : c.y);
-                if (n < ROPE_N) {
-                    const int cs = (r / L) * cs_b + (r % L) * cs_l + col % HD;
-                    const float cos1 = bf2f(cosp[cs]), sin1 = bf2f(sinp[cs]);
-                    const float cos2 = bf2f(cosp[cs + HD / 2]), sin2 = bf2f(sinp[cs + HD / 2]);
-                    const float a2 = a * cos1 - b * sin1;
-                    b = b * cos2 + a * sin2;
+                if (n_q < ROPE_N) {
+                    const float a2 = a * rope[half][0] - b * rope[half][1];
+                    b = b * rope[half][2] + a * rope[half][3];
                     a = a2;
                 }
-                qkv[r * NQKV + col] = (bf16_t)f2bf(a);
-                qkv[r * NQKV + col + HD / 2] = (bf16_t)f2bf(b);
+                qkv[r * NQKV + col_q] = (bf16_t)f2bf(a);
+                qkv[r * NQKV + col_q + HD / 2] = (bf16_t)f2bf(b);
             }
         }
     }
+    STAMP(8);
 }
