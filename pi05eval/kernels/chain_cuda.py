@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("expert_chain.cu")
 MAX_ROWS = 16  # one m16n8k16 row tile
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory of one block on Hopper (opt-in)
 _PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
@@ -80,8 +81,8 @@ class ChainShape:
         bad = []
         if not 1 <= self.rows <= MAX_ROWS:
             bad.append(f"{self.rows} action rows (batch x horizon): the kernel takes 1 to {MAX_ROWS}")
-        if self.width % 32 or self.mlp % 32 or self.head_dim % 2:
-            bad.append(f"width {self.width} / mlp {self.mlp} must be multiples of 32, head_dim even")
+        if self.width % 64 or self.mlp % 64 or self.heads * self.head_dim % 64 or self.head_dim % 2:
+            bad.append(f"width {self.width}, mlp {self.mlp}, heads x head_dim must be multiples of 64, head_dim even")
         if self.width > 128 * self.warps:
             bad.append(f"width {self.width}: the norm takes 4 columns per thread ({32 * self.warps} threads)")
         threads = 32 * self.warps
@@ -91,20 +92,27 @@ class ChainShape:
         for name, (_, k, split) in self.phases.items():
             if k % (32 * split) or self.warps % split:
                 bad.append(f"{name}: K {k} does not split {split} ways into 32-wide chunks over {self.warps} warps")
+        if not bad and self.smem_bytes() > SMEM_LIMIT:
+            bad.append(f"{self.smem_bytes()} bytes of shared memory per block (at most {SMEM_LIMIT})")
         if bad:
             raise ValueError("expert chain kernel: " + "; ".join(bad))
 
+    def weight_bytes(self, name: str) -> int:
+        """Shared memory of one block's weight tiles of a phase (the most any block owns)."""
+        tiles, k, _ = self.phases[name]
+        return max_tiles(tiles, self.blocks) * 8 * k * 2
+
     def smem(self) -> tuple[int, int, int]:
-        """Bytes of (slot A: gate|up then Q/K/V, slot B: O then down, normalized rows / partial sums)."""
-        ph = self.phases
-
-        def tile_bytes(name: str) -> int:
-            tiles, k, _ = ph[name]
-            return max_tiles(tiles, self.blocks) * 8 * k * 2
-
+        """Bytes of (slot A: gate|up, then Q/K/V + the staged down input; slot B: O, then down; normalized rows /
+        partial sums, also the tail of the staged O input)."""
+        ph, m = self.phases, self.rows
+        q_act = ph["o"][1]  # the O projection's input width (heads x head_dim)
+        slot_a = max(self.weight_bytes("gu"), self.weight_bytes("qkv") + m * self.mlp * 2)
+        slot_b = max(self.weight_bytes("o"), self.weight_bytes("down"))
         reds = [s * max_tiles(t, self.blocks) * 32 * 16 for t, _, s in ph.values()]
-        x = max([self.rows * (self.width + 8) * 2, *reds])
-        return max(tile_bytes("gu"), tile_bytes("qkv")), max(tile_bytes("o"), tile_bytes("down")), -(-x // 16) * 16
+        o_tail = self.weight_bytes("o") + m * q_act * 2 - slot_b  # the staged O input past slot B
+        x = max([m * self.width * 2, *reds, o_tail])
+        return slot_a, slot_b, -(-x // 16) * 16
 
     def defines(self) -> list[str]:
         ph = self.phases
@@ -115,6 +123,7 @@ class ChainShape:
             "ROPE_N": (self.heads + self.kv_heads) * self.head_dim,
             "M": self.rows, "L": self.horizon, "NB": self.blocks, "NW": self.warps,
             "SLOT_A": slot_a, "SLOT_B": slot_b, "X_BYTES": x,
+            "STAGE_O": slot_a + self.weight_bytes("o"), "STAGE_D": self.weight_bytes("qkv"),
         }  # fmt: skip
         for name, (tiles, _, split) in ph.items():
             consts[f"S_{name.upper()}"] = split

@@ -16,7 +16,6 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define NT (NW * 32)
-#define XS (D + 8)  // row stride of the normalized rows in shared memory (+8: conflict-free fragment loads)
 
 // tiles of 8 weight rows per phase, and the block's share
 #define T_QKV (NQKV / 8)
@@ -54,6 +53,22 @@ __device__ __forceinline__ uint2 ld_cg2(const void* p) { return __ldcg((const ui
 __device__ __forceinline__ void st_u32(void* p, u32 v) { asm volatile("st.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"); }
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Activation rows in shared memory ([M, K] bf16, K a multiple of 64): the 16-byte chunks of row r are XOR-swizzled
+// with r mod 8, so the 8 rows x 4 words of an MMA operand load fall in 32 distinct banks.
+__device__ __forceinline__ int swz(int r, int k, int K) { return r * K + (((k >> 3) ^ (r & 7)) << 3) + (k & 7); }
+
+// rows [M, K] of a global activation (written by the previous kernel or phase) into shared memory, swizzled
+template <int K>
+__device__ __forceinline__ void stage_rows(const bf16_t* src, bf16_t* dst) {
+    for (int i = threadIdx.x; i < M * K / 8; i += NT) {
+        const int r = i / (K / 8), c = i % (K / 8);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + swz(r, 8 * c, K))),
+                     "l"(src + r * K + 8 * c) : "memory");
+    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_all;" ::: "memory");
+    __syncthreads();
+}
 
 // ---- bulk copies into shared memory, completed on an mbarrier ----
 __device__ __forceinline__ void mbar_init(u32 bar) {
@@ -108,19 +123,15 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 }
 
 // The block's tiles [t0, t0 + nt) of a phase: out[M, 8 nt] = a[M, K] @ w_tiles.T, K split S ways over the warps
-// (warp w: split w % S, tiles w / S, w / S + NW / S, ...). Partial sums go to red [S][maxt][32 lanes][4] fp32,
-// summed in split order by `tile_sums`. a: rows of the normalized input in shared memory (A_SMEM, stride XS) or
-// of a global activation (stride K).
-template <int K, int S, int MAXT, bool A_SMEM>
+// (warp w: split w % S, tiles w / S, w / S + NW / S, ...); a: swizzled rows in shared memory (`swz`). Partial sums
+// go to red [S][maxt][32 lanes][4] fp32, summed in split order by `tile_sums`.
+template <int K, int S, int MAXT>
 __device__ __forceinline__ void gemm_tiles(const bf16_t* w, int nt, const bf16_t* a, float* red, int maxt) {
     constexpr int G = NW / S;
     constexpr int CH = K / S / 32;  // 32-wide K chunks per split
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int s = warp % S, grp = warp / S;
     const bool lo = g < M, hi = g + 8 < M;
-    const int stride = A_SMEM ? XS : K;
-    const bf16_t* a_lo = a + g * stride + 2 * tig;
-    const bf16_t* a_hi = a + (g + 8) * stride + 2 * tig;
     float acc[MAXT][4];
 #pragma unroll
     for (int i = 0; i < MAXT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -138,17 +149,11 @@ __device__ __forceinline__ void gemm_tiles(const bf16_t* w, int nt, const bf16_t
             for (int hh = 0; hh < 2; ++hh) {
                 const int k = (s * CH + c0 + c) * 32 + 16 * hh;
                 const bool ok = c0 + c < CH;
-                if (A_SMEM) {
-                    af[c][hh][0] = ok && lo ? *(const u32*)(a_lo + k) : 0u;
-                    af[c][hh][1] = ok && hi ? *(const u32*)(a_hi + k) : 0u;
-                    af[c][hh][2] = ok && lo ? *(const u32*)(a_lo + k + 8) : 0u;
-                    af[c][hh][3] = ok && hi ? *(const u32*)(a_hi + k + 8) : 0u;
-                } else {
-                    af[c][hh][0] = ok && lo ? ld_cg(a_lo + k) : 0u;
-                    af[c][hh][1] = ok && hi ? ld_cg(a_hi + k) : 0u;
-                    af[c][hh][2] = ok && lo ? ld_cg(a_lo + k + 8) : 0u;
-                    af[c][hh][3] = ok && hi ? ld_cg(a_hi + k + 8) : 0u;
-                }
+                const int kt = k + 2 * tig;
+                af[c][hh][0] = ok && lo ? *(const u32*)(a + swz(g, kt, K)) : 0u;
+                af[c][hh][1] = ok && hi ? *(const u32*)(a + swz(g + 8, kt, K)) : 0u;
+                af[c][hh][2] = ok && lo ? *(const u32*)(a + swz(g, kt + 8, K)) : 0u;
+                af[c][hh][3] = ok && hi ? *(const u32*)(a + swz(g + 8, kt + 8, K)) : 0u;
             }
         }
 #pragma unroll
@@ -165,7 +170,7 @@ __device__ __forceinline__ void gemm_tiles(const bf16_t* w, int nt, const bf16_t
             }
         }
     }
-    if (A_SMEM) __syncthreads();  // red aliases the normalized rows
+    __syncthreads();  // red aliases the staged rows
 #pragma unroll
     for (int i = 0; i < MAXT; ++i) {
         const int j = grp + i * G;
@@ -201,7 +206,7 @@ __device__ __forceinline__ NormCols norm_cols(const float* mod) {
     return m;
 }
 
-// adaRMS of the M rows of h [M, D] into X (shared, stride XS): round(h * rstd * (1 + scale) + shift), fp32 math;
+// adaRMS of the M rows of h [M, D] into X (shared, swizzled): round(h * rstd * (1 + scale) + shift), fp32 math;
 // thread t holds columns 4 t .. 4 t + 3 of every row, the row sums of squares meet in ss [NW][16]
 __device__ __forceinline__ void norm_rows(const bf16_t* h, const NormCols& m, bf16_t* X, float* ss, float eps) {
 #ifdef CHAIN_NO_NORM
@@ -237,7 +242,7 @@ __device__ __forceinline__ void norm_rows(const bf16_t* h, const NormCols& m, bf
             float y[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) y[e] = x[r][e] * rstd * m.sc[e] + m.sh[e];
-            *(uint2*)(X + r * XS + k) = make_uint2(pack2(y[0], y[1]), pack2(y[2], y[3]));
+            *(uint2*)(X + swz(r, k, D)) = make_uint2(pack2(y[0], y[1]), pack2(y[2], y[3]));
         }
     }
     __syncthreads();
@@ -366,7 +371,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
             mbar_wait(bar_b, par_b);
             par_b ^= 1;
         }
-        gemm_tiles<NQ, S_O, CEIL_DIV(MAXT_O, NW / S_O), false>(slot_b, no, att, red, MAXT_O);
+        bf16_t* att_s = (bf16_t*)(smem + STAGE_O);  // past the O weights in slot B, into X
+        stage_rows<NQ>(att, att_s);
+        gemm_tiles<NQ, S_O, CEIL_DIV(MAXT_O, NW / S_O)>(slot_b, no, att_s, red, MAXT_O);
         if (tid < no * 32) residual_store(res_o, h, n_res, g, tile_sums<S_O>(red, tid >> 5, ln, MAXT_O));
         __syncthreads();  // slot_b and red are free
         if (tid == 0) {
@@ -383,7 +390,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
             par_a ^= 1;
         }
         STAMP(9);
-        gemm_tiles<D, S_GU, CEIL_DIV(MAXT_GU, NW / S_GU), true>(slot_a, ngu, X, red, MAXT_GU);
+        gemm_tiles<D, S_GU, CEIL_DIV(MAXT_GU, NW / S_GU)>(slot_a, ngu, X, red, MAXT_GU);
         if (tid < ngu * 32) {
             const float4 c = tile_sums<S_GU>(red, tid >> 5, ln, MAXT_GU);
             const int col = 4 * (gu0 + (tid >> 5)) + tig;  // pair (gate col, up col) of weight rows 2 col, 2 col + 1
@@ -412,7 +419,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
             mbar_wait(bar_b, par_b);
             par_b ^= 1;
         }
-        gemm_tiles<F, S_DOWN, CEIL_DIV(MAXT_DOWN, NW / S_DOWN), false>(slot_b, no, act, red, MAXT_DOWN);
+        bf16_t* act_s = (bf16_t*)(smem + STAGE_D);  // slot A past the next Q/K/V weights (being copied)
+        stage_rows<F>(act, act_s);
+        gemm_tiles<F, S_DOWN, CEIL_DIV(MAXT_DOWN, NW / S_DOWN)>(slot_b, no, act_s, red, MAXT_DOWN);
         if (tid < no * 32) residual_store(res_d, h, n_res, g, tile_sums<S_DOWN>(red, tid >> 5, ln, MAXT_DOWN));
         STAMP(6);
         if (qkv_layer < 0) return;
@@ -422,7 +431,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
     // ---- adaRMS + Q/K/V + RoPE of qkv_layer ----
     norm_rows(h, cols_q, X, ss, eps);
     if (nq > 0) mbar_wait(bar_a, par_a);
-    gemm_tiles<D, S_QKV, CEIL_DIV(MAXT_QKV, NW / S_QKV), true>(slot_a, nq, X, red, MAXT_QKV);
+    gemm_tiles<D, S_QKV, CEIL_DIV(MAXT_QKV, NW / S_QKV)>(slot_a, nq, X, red, MAXT_QKV);
     if (tid < nq * 32) {
         const float4 c = tile_sums<S_QKV>(red, tid >> 5, ln, MAXT_QKV);
 #pragma unroll
