@@ -52,7 +52,7 @@ def test_pi05_chain_fits_an_h200() -> None:
     assert slot_a >= 3 * 8 * 1024 * 2 + 10 * 4096 * 2  # the next Q/K/V tiles beside the staged down input
     assert x >= 10 * 1024 * 2
     assert shape.smem_bytes() <= 227 * 1024  # an H100 / H200 block's shared memory (opt-in)
-    assert "-DS_GU=2" in shape.defines() and "-DMAXT_QKV=3" in shape.defines()
+    assert "-DS_GU=4" in shape.defines() and "-DMAXT_QKV=3" in shape.defines()
 
 
 @pytest.mark.parametrize(

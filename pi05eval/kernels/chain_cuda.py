@@ -62,7 +62,7 @@ class ChainShape:
     horizon: int
     blocks: int  # one per SM
     warps: int = 8
-    splits: tuple[int, int, int, int] = (4, 8, 2, 8)  # K splits of Q/K/V, O, gate|up, down
+    splits: tuple[int, int, int, int] = (8, 8, 4, 8)  # K splits of Q/K/V, O, gate|up, down
     switches: tuple[str, ...] = ()  # measurement switches of expert_chain.cu ("NO_SYNC", "PROBE=1", ...)
 
     @property

@@ -70,7 +70,7 @@ class ExpertKernelConfig:
     tma: bool = False
     atomic_residual: bool = False
     cuda_chain: bool = False
-    chain_splits: tuple[int, int, int, int] = (4, 8, 2, 8)
+    chain_splits: tuple[int, int, int, int] = (8, 8, 4, 8)
 
 
 def _pow2_at_most(value: int, limit: int) -> int:
