@@ -27,7 +27,7 @@ typedef unsigned long long u64;
 // Measurement switches (scripts/bench_expert_chain.py; the engine sets none): CHAIN_PROBE stamps the SM clock at
 // the phase boundaries of block CHAIN_PROBE - 1 into gbar[2 + 10 (layer + 1) + k]; CHAIN_NO_COPY, CHAIN_NO_SYNC,
 // CHAIN_NO_MMA, CHAIN_NO_NORM drop the weight copies, grid barriers, MMA loops, adaRMS passes (results invalid);
-// CHAIN_GU_AFTER_O issues the gate|up copy once the O tile has landed instead of at the start (results valid).
+// CHAIN_GU_AT_START issues the gate|up copy at the start with O's instead of once O's tile landed (results valid).
 #ifdef CHAIN_PROBE
 #define STAMP(k)                                                                                                  \
     if (blockIdx.x == CHAIN_PROBE - 1 && threadIdx.x == 0) {                                                      \
@@ -331,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         if (layer >= 0) {  // weights never change: copy them before waiting for the previous kernel
             issue(smem_addr(slot_b), wo + ((size_t)layer * T_O + o0) * 8 * NQ, no, NQ, bar_b);
-#ifndef CHAIN_GU_AFTER_O
+#ifdef CHAIN_GU_AT_START
             issue(smem_addr(slot_a), wgu + ((size_t)layer * T_GU + gu0) * 8 * D, ngu, D, bar_a);
 #endif
         } else {
@@ -374,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) expert_chain(
             mbar_wait(bar_b, par_b);
             par_b ^= 1;
         }
-#ifdef CHAIN_GU_AFTER_O
+#ifndef CHAIN_GU_AT_START  // gate|up's copy would delay O's tile if issued with it
         if (tid == 0) issue(smem_addr(slot_a), wgu + ((size_t)layer * T_GU + gu0) * 8 * D, ngu, D, bar_a);
 #endif
         bf16_t* att_s = (bf16_t*)(smem + STAGE_O);  // past the O weights in slot B, into X
