@@ -176,3 +176,14 @@ def test_atomic_residual_refuses_what_it_does_not_cover(setting, message) -> Non
     model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
     with pytest.raises(ValueError, match=message):
         TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(atomic_residual=True, **setting))
+
+
+def test_cuda_chain_is_refused_without_a_hopper_gpu() -> None:
+    from pi05eval.kernels.chain_cuda import unavailable_reason
+
+    assert "CUDA device" in unavailable_reason(torch.device("cpu"))
+    model = random_model("tiny", torch.device("cpu"), seed=3).set_precision("fp32")
+    with pytest.raises(RuntimeError, match="cannot run here: it needs a CUDA device"):
+        TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(cuda_chain=True))
+    with pytest.raises(ValueError, match="not implemented with stream"):
+        TritonDenoise(FastPi05(model, 2), ExpertKernelConfig(cuda_chain=True, stream=True))

@@ -18,6 +18,9 @@ per expert layer:
 5. `gemm_residual_kernel` (down) split-K down projection + gated residual, as 3.
 6. `step_out_kernel`             final adaRMS norm + action_out (fp32) + Euler update x + dt * v.
 
+With `ExpertKernelConfig.cuda_chain`, launches 3-5 of a layer and 1 of the next run as one persistent CUDA launch
+(`kernels/chain_cuda.py`; measured slower than these kernels so far, off by default).
+
 With `pdl` (Hopper) every launch is a programmatic dependent launch: it loads its weights while the previous kernel
 finishes, then waits for it. No host syncs and no allocations that depend on GPU values, so `update` can be
 captured in a CUDA graph; scratch buffers are allocated per (batch, prefix length) on first use or by `prepare`.
