@@ -104,8 +104,8 @@ def _prefix(cfg, prefix_len: int, seed: int):
 )
 def test_chain_matches_the_triton_denoise(overrides) -> None:
     """10 Euler steps with the chain kernel: as close to the fp32 fast path as the Triton denoise is (bf16)."""
-    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
-        pytest.skip("needs Triton and CUDA")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     if reason := unavailable_reason(torch.device("cuda")):
         pytest.skip(reason)
     from pi05eval.engines.triton_denoise import TritonDenoise

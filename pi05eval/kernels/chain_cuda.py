@@ -198,11 +198,12 @@ class ExpertChain:
             }
         # grid barrier (count, generation), then the PROBE switch's clock stamps: 10 per launch
         self.barrier = torch.zeros(2 + 10 * (len(wqkv) + 1), dtype=torch.int32, device=device)
-        self.kernel = _compiled(shape, device.index if device.index is not None else torch.cuda.current_device())
+        self.device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self.kernel, self.smem_bytes = _compiled(shape, self.device_index), shape.smem_bytes()
         self._libcuda = torch.cuda._utils._get_gpu_runtime_library()
         self._attr = _LaunchAttribute(id=_PDL_ATTRIBUTE, value=1)
         log.info("expert chain: %d blocks x %d warps, %d KB shared memory", shape.blocks, shape.warps,
-                 shape.smem_bytes() // 1024)  # fmt: skip
+                 self.smem_bytes // 1024)  # fmt: skip
 
     def variant(self, **changes: object) -> ExpertChain:
         """A copy with another shape (splits, measurement switches), sharing the weights."""
@@ -211,7 +212,7 @@ class ExpertChain:
         other.shape = dataclasses.replace(self.shape, **changes)
         other.shape.check()
         other.barrier = torch.zeros_like(self.barrier)
-        other.kernel = _compiled(other.shape, self.barrier.device.index or 0)
+        other.kernel, other.smem_bytes = _compiled(other.shape, self.device_index), other.shape.smem_bytes()
         return other
 
     def launch(
@@ -232,7 +233,7 @@ class ExpertChain:
         stream = torch.cuda.current_stream(self.device)
         cfg = _LaunchConfig(
             grid=(ctypes.c_uint * 3)(s.blocks, 1, 1), block=(ctypes.c_uint * 3)(32 * s.warps, 1, 1),
-            shared_mem=s.smem_bytes(), stream=ctypes.c_void_p(stream.cuda_stream),
+            shared_mem=self.smem_bytes, stream=ctypes.c_void_p(stream.cuda_stream),
             attrs=ctypes.pointer(self._attr), num_attrs=1,
         )  # fmt: skip
         err = self._libcuda.cuLaunchKernelEx(ctypes.byref(cfg), self.kernel.func, params, None)
