@@ -139,6 +139,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     session = {"episodes": 0, "wall_s": 0.0}
     manifest["sessions"] = [*sessions, session]
+    results.write_manifest(manifest)  # the session is on record before its first episode can land
     t0 = time.perf_counter()
 
     def persist(record: dict[str, Any]) -> None:
