@@ -40,9 +40,9 @@ def export_context(model: nn.Module) -> contextlib.AbstractContextManager:
 
 def engine_shortcuts(shortcuts: Shortcuts | None, model: nn.Module) -> Shortcuts:
     """No `static_kv` (it writes into an input), no `gelu_epilogue` (a cuBLASLt call) nor `triton_prefix` /
-    `triton_softmax` (Triton kernels): none is a TensorRT layer; no GEMM fusion or MLP padding with quantizers (the new
-    weights would skip them)."""
-    no_trt_layer = {"gelu_epilogue": False, "triton_prefix": False, "triton_softmax": False}
+    `triton_softmax` / `triton_geglu` (Triton kernels): none is a TensorRT layer; no GEMM fusion or MLP padding with
+    quantizers (the new weights would skip them)."""
+    no_trt_layer = {"gelu_epilogue": False, "triton_prefix": False, "triton_softmax": False, "triton_geglu": False}
     shortcuts = replace(shortcuts or Shortcuts(), static_kv=False, **no_trt_layer)
     fused_off = {"fuse_qkv": False, "fuse_gate_up": False, "fuse_vision_qkv": False, "pad_vision_mlp": False}
     return replace(shortcuts, **fused_off) if quantizers(model) else shortcuts

@@ -31,6 +31,9 @@ itself stays plain. Each shortcut can be switched off for A/B:
                   layout. Tiles: `prefix_attention_triton.TILES`;
 * `triton_softmax` on CUDA (or in Triton's interpreter), the prefix attention's softmax (scale, pad x pad mask, fp32
                   softmax, rounding) as one Triton pass between the two GEMMs (`kernels/softmax_triton.py`).
+* `triton_geglu`  on CUDA (or in Triton's interpreter), the prefix layers' gate|up GEMM with GeGLU in its epilogue, one
+                  Triton kernel over pair-interleaved weights (`kernels/geglu_triton.py`) instead of cuBLAS + a GeGLU
+                  pass; needs `fuse_gate_up` and plain float layers.
 
 The stages take only tensors and Python constants so `engines/compile.py` can compile and graph-capture them.
 """
@@ -63,6 +66,7 @@ class Shortcuts:
     rope_table: bool = True
     triton_softmax: bool = True
     triton_prefix: bool = False  # measured slower on an H200 (28 vs 23.5 µs per layer): off by default
+    triton_geglu: bool = False  # measured no faster on an H200 (prefill 3.98 ms either way): off by default
 
 
 class _Proj:
@@ -71,7 +75,7 @@ class _Proj:
     Layers a precision plan replaced (`pi05eval/precision/linear.py`) fuse too where their kind allows it; plain
     float layers keep their fused weight in `wqkv` / `wgu` (for kernels that read the weights directly)."""
 
-    def __init__(self, layer: torch.nn.Module, s: Shortcuts) -> None:
+    def __init__(self, layer: torch.nn.Module, s: Shortcuts, triton_geglu: bool = False) -> None:
         from pi05eval.precision.linear import fuse_linears
 
         a, m = layer.attn, layer.mlp
@@ -82,6 +86,12 @@ class _Proj:
         self.fused_gu = fuse_linears([m.gate_proj, m.up_proj]) if s.fuse_gate_up else None
         self.wqkv = self.fused_qkv.weight if isinstance(self.fused_qkv, torch.nn.Linear) else None
         self.wgu = self.fused_gu.weight if isinstance(self.fused_gu, torch.nn.Linear) else None
+        self.gu_pairs = None  # [2F, D], rows 2j = gate j, 2j + 1 = up j: the Triton GeGLU GEMM's weight
+        if triton_geglu and self.wgu is not None and _triton_ok(self.wgu):
+            from pi05eval.kernels.config import interleave_gate_up
+
+            self.gu_pairs = interleave_gate_up(self.wgu.detach())
+            self.fused_gu = self.wgu = None  # the interleaved copy replaces the fused weight
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [B, L, D] -> q [B, L, H*hd], k, v [B, L, KV*hd]."""
@@ -91,10 +101,20 @@ class _Proj:
 
     def geglu(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, L, D] -> down(gelu(gate h) * up h) [B, L, D]."""
+        if self.gu_pairs is not None:
+            from pi05eval.kernels.geglu_triton import geglu_gemm
+
+            b, n, d = h.shape
+            return self.mlp.down_proj(geglu_gemm(h.reshape(b * n, d), self.gu_pairs).view(b, n, -1))
         if self.fused_gu is None:
             return self.mlp(h)
         gate, up = self.fused_gu(h).chunk(2, dim=-1)
         return self.mlp.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take t: on CUDA, or anywhere in Triton's interpreter."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -146,7 +166,7 @@ class FastPi05:
         self.s = shortcuts
         self.num_steps = num_steps
         self.times, self.dt = euler_schedule(num_steps)
-        self.llm = [_Proj(layer, shortcuts) for layer in model.llm.layers]
+        self.llm = [_Proj(layer, shortcuts, shortcuts.triton_geglu) for layer in model.llm.layers]
         self.expert = [_Proj(layer, shortcuts) for layer in model.expert.layers]
         self.vision_qkv = None  # per SigLIP layer, one module computing [q | k | v]
         if shortcuts.fuse_vision_qkv:
@@ -256,7 +276,7 @@ class FastPi05:
         layer's caches [B, KV, >= P, hd] holding them."""
         cfg = self.cfg
         scale = cfg.head_dim**-0.5
-        triton_ok = pad.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        triton_ok = _triton_ok(pad)
         pad_u8 = pad.to(torch.uint8) if triton_ok else pad  # the kernels' mask, converted once for all layers
         if self.s.triton_prefix and triton_ok:
             from pi05eval.kernels import prefix_attention_triton as pa
