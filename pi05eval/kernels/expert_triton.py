@@ -55,6 +55,14 @@ def norm_slice(h, rstd, mod_ptr, rk, D: tl.constexpr, scale, shift, MOD_LATE: tl
 
 
 @triton.jit
+def geglu_rounded(gate, up, act: tl.constexpr):
+    """gelu_tanh(gate) * up in act with the PyTorch path's roundings, for fp32 gate / up already rounded to act."""
+    inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+    gelu = _rnd(gate / (1.0 + tl.exp(-2.0 * inner)), act)  # 0.5 g (1 + tanh(inner)) = g * sigmoid(2 inner)
+    return (gelu * up).to(act)
+
+
+@triton.jit
 def _pair_epilogue(
     y, rm, row_ok, n0, out_ptr, cos1, sin1, cos2, sin2,
     OUT_N: tl.constexpr, HD: tl.constexpr, ROPE_N: tl.constexpr, GEGLU: tl.constexpr,
@@ -65,10 +73,8 @@ def _pair_epilogue(
     ri = tl.arange(0, BLOCK_N // 2)
     a, b = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
     if GEGLU:  # a = gate, b = up
-        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        gelu = _rnd(a / (1.0 + tl.exp(-2.0 * inner)), act)  # 0.5 a (1 + tanh(inner)) = a * sigmoid(2 inner)
         cols = n0 // 2 + ri
-        tl.store(out_ptr + rm[:, None] * OUT_N + cols[None, :], (gelu * b).to(act), mask=row_ok[:, None])
+        tl.store(out_ptr + rm[:, None] * OUT_N + cols[None, :], geglu_rounded(a, b, act), mask=row_ok[:, None])
     else:  # a = column d, b = column d + hd/2 of one head: x * cos + [-x2, x1] * sin on q and k heads
         c1 = (n0 // HD) * HD + (n0 % HD) // 2 + ri
         rope = n0 < ROPE_N

@@ -4,7 +4,7 @@ The engine's default prefill runs gate|up as one cuBLAS GEMM and then a GeGLU pa
 back and writes [P, F]. Here the weight rows are pair-interleaved (row 2j = gate j, row 2j + 1 = up j,
 `config.interleave_gate_up`), so every output tile holds both halves of its F-columns and the epilogue writes
 gelu_tanh(gate) * up itself. Roundings as the PyTorch path: the GEMM's output, the gelu and the product in the
-activation dtype (gelu as g * sigmoid(2 inner) = 0.5 g (1 + tanh(inner)) in fp32).
+activation dtype (`expert_triton.geglu_rounded`, shared with the denoise kernels).
 
 For 16-bit operands on Hopper the kernel reads them through TMA descriptors, in a persistent loop over the tiles (the
 M tiles of one N tile in a row, so each weight tile comes from HBM once); otherwise (fp32, older GPUs, Triton's
@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pi05eval.kernels.expert_triton import _rnd, geglu_rounded
+
 # Tiles of the TMA kernel: the best of scripts/bench_prefill_geglu.py on an H200 at Pi0.5's prefill shape.
 TILES = {"bm": 128, "bn": 256, "bk": 64, "stages": 4, "warps": 8}
 
@@ -25,11 +27,8 @@ TILES = {"bm": 128, "bn": 256, "bk": 64, "stages": 4, "warps": 8}
 @triton.jit
 def _geglu_pairs(acc, act: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """acc [BM, BN] fp32 of pair-interleaved columns -> gelu_tanh(gate) * up [BM, BN / 2] in act."""
-    gate, up = tl.split(tl.reshape(acc.to(act), [BM, BN // 2, 2]))
-    g = gate.to(tl.float32)
-    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    gelu = (g / (1.0 + tl.exp(-2.0 * inner))).to(act)
-    return (gelu.to(tl.float32) * up.to(tl.float32)).to(act)
+    gate, up = tl.split(tl.reshape(_rnd(acc, act), [BM, BN // 2, 2]))  # the GEMM's output, rounded
+    return geglu_rounded(gate, up, act)
 
 
 @triton.jit
