@@ -81,10 +81,16 @@ def test_kernel_rejects_head_dims_it_cannot_tile() -> None:
         prefix_attention(q, k, k, torch.ones(1, 8, dtype=torch.bool, device=DEVICE), 0.2)
 
 
+def _small_image_model():
+    """The tiny model at 56-pixel images (16 patches each: a 71-token prefix with the prompt), so that the interpreted
+    kernels of the whole-path tests take seconds, not a minute."""
+    return random_model("tiny", DEVICE, seed=3, overrides={"image_size": 56}).set_precision("fp32")
+
+
 def test_triton_prefix_keeps_fp32_actions() -> None:
     """The whole fast path with the kernel: batch 2 (one image slot masked in one element), a 23-token prompt."""
     torch.set_float32_matmul_precision("highest")
-    model = random_model("tiny", DEVICE, seed=3).set_precision("fp32")
+    model = _small_image_model()
     inputs = [t.to(DEVICE) for t in libero_inputs(model.cfg, batch=2, prompt_len=23, seed=5)]
     ref = model.sample_actions(*inputs, num_steps=2)
     out = FastPi05(model, 2, Shortcuts(triton_prefix=True, triton_softmax=False)).sample(*inputs)
@@ -104,7 +110,7 @@ def test_masked_softmax_matches_eager_attention(batch, p) -> None:
 
 def test_triton_softmax_keeps_fp32_actions() -> None:
     torch.set_float32_matmul_precision("highest")
-    model = random_model("tiny", DEVICE, seed=3).set_precision("fp32")
+    model = _small_image_model()
     inputs = [t.to(DEVICE) for t in libero_inputs(model.cfg, batch=2, prompt_len=23, seed=5)]
     inputs[1][0, 0] = False  # element 0's first camera masked, kept for element 1
     ref = model.sample_actions(*inputs, num_steps=2)
