@@ -82,8 +82,8 @@ def test_kernel_rejects_head_dims_it_cannot_tile() -> None:
 
 
 def _small_image_model():
-    """The tiny model at 56-pixel images (16 patches each: a 71-token prefix with the prompt), so that the interpreted
-    kernels of the whole-path tests take seconds, not a minute."""
+    """The tiny model at 56-pixel images (16 patches each: a 55-token prefix with two images and the prompt), so
+    that the interpreted kernels of the whole-path tests take seconds, not a minute."""
     return random_model("tiny", DEVICE, seed=3, overrides={"image_size": 56}).set_precision("fp32")
 
 
