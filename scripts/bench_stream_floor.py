@@ -131,7 +131,7 @@ VARIANTS = {  # name: (sync mask over PHASES, consumers read the slots, weights 
     "stream only": (0b00000, 0, True),
     "stream, consumers read smem": (0b00000, 1, True),
     "5 barriers per layer": (0b11111, 1, True),
-    "3 barriers per layer (after attn, o+gu, down)": (0b10110, 1, True),
+    "3 barriers per layer (after attn, o, down)": (0b10110, 1, True),
     "1 barrier per layer": (0b10000, 1, True),
     "5 barriers per layer, no weights": (0b11111, 0, False),
 }
