@@ -63,11 +63,25 @@ __device__ __forceinline__ void grid_sync(u32* bar) {
     asm volatile("bar.sync 1, %0;" ::"r"(NCW * 32) : "memory");
 }
 
+// the same, as one monotonic arrival counter: barrier number k (from 1) completes when it reaches k * gridDim.x
+// (one L2 round trip less than the counter + generation above; the counter is zeroed before each launch)
+__device__ __forceinline__ void grid_sync_count(u32* bar, u32 k) {
+    asm volatile("bar.sync 1, %0;" ::"r"(NCW * 32) : "memory");
+    if (threadIdx.x == 0) {
+        u32 now;
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(bar) : "memory");
+        } while (now < k * gridDim.x);
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(NCW * 32) : "memory");
+}
+
 // phases p < NPH of one layer: the block's share share[p] bytes (multiple of 16) at w + layer * LAYER_BYTES +
 // off[p] + blockIdx.x * share[p]; barrier after phase p if (sync_mask >> p) & 1
 extern "C" __global__ void __launch_bounds__((NCW + 1) * 32, 1) stream_floor(
     const unsigned char* __restrict__ w, u32* gbar, u32* sink, int steps, int layers, int layer_bytes,
-    int sync_mask, int consume, int off0, int off1, int off2, int off3, int off4,
+    int sync_mask, int consume, int counter_barrier, int off0, int off1, int off2, int off3, int off4,
     int share0, int share1, int share2, int share3, int share4) {
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) u64 full[NSLOT], empty[NSLOT];
@@ -82,7 +96,7 @@ extern "C" __global__ void __launch_bounds__((NCW + 1) * 32, 1) stream_floor(
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    u32 acc = 0;
+    u32 acc = 0, barriers = 0;
     long long c = 0;  // chunk counter, the same sequence on both sides
     for (int step = 0; step < steps; ++step) {
         for (int layer = 0; layer < layers; ++layer) {
@@ -111,7 +125,13 @@ extern "C" __global__ void __launch_bounds__((NCW + 1) * 32, 1) stream_floor(
                         if (lane == 0) mbar_arrive(smem_addr(&empty[slot]));
                     }
                 }
-                if (warp < NCW && ((sync_mask >> p) & 1)) grid_sync(gbar);
+                if (warp < NCW && ((sync_mask >> p) & 1)) {
+                    if (counter_barrier) {
+                        grid_sync_count(gbar, ++barriers);
+                    } else {
+                        grid_sync(gbar);
+                    }
+                }
             }
         }
     }
@@ -127,13 +147,15 @@ PHASES = {
     "gu": 1024 * 8192 * 2,
     "down": 4096 * 1024 * 2,
 }
-VARIANTS = {  # name: (sync mask over PHASES, consumers read the slots, weights streamed)
-    "stream only": (0b00000, 0, True),
-    "stream, consumers read smem": (0b00000, 1, True),
-    "5 barriers per layer": (0b11111, 1, True),
-    "3 barriers per layer (after attn, o, down)": (0b10110, 1, True),
-    "1 barrier per layer": (0b10000, 1, True),
-    "5 barriers per layer, no weights": (0b11111, 0, False),
+VARIANTS = {  # name: (sync mask over PHASES, consumers read the slots, weights streamed, counter barrier)
+    "stream only": (0b00000, 0, True, 0),
+    "stream, consumers read smem": (0b00000, 1, True, 0),
+    "5 barriers per layer": (0b11111, 1, True, 0),
+    "3 barriers per layer (after attn, o, down)": (0b10110, 1, True, 0),
+    "1 barrier per layer": (0b10000, 1, True, 0),
+    "5 barriers per layer, no weights": (0b11111, 0, False, 0),
+    "5 counter barriers per layer": (0b11111, 1, True, 1),
+    "5 counter barriers per layer, no weights": (0b11111, 0, False, 1),
 }
 
 
@@ -141,18 +163,20 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _median_ms(kernel, launch_args: list, blocks: int, threads: int, smem: int, reps: int) -> float:
-    """Median CUDA-event ms of one launch (after 3 untimed ones)."""
+def _median_ms(kernel, launch_args: list, gbar: torch.Tensor, blocks: int, threads: int, smem: int, reps: int) -> float:
+    """Median CUDA-event ms of one launch (after 3 untimed ones); the barrier words are zeroed before each."""
 
     def launch() -> None:
         kernel(grid=(blocks, 1, 1), block=(threads, 1, 1), shared_mem=smem, args=launch_args)
 
     for _ in range(3):
+        gbar.zero_()
         launch()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        gbar.zero_()
         a.record()
         launch()
         b.record()
@@ -179,11 +203,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sink = torch.zeros(blocks, dtype=torch.int32, device=dev)
     res: dict[str, Any] = {"env": environment(), "blocks": blocks, "layer_mb": total / 1e6, "args": vars(args)}
     res["variants"] = {}
-    for name, (mask, consume, stream) in VARIANTS.items():
+    for name, (mask, consume, stream, counter) in VARIANTS.items():
         sizes = shares if stream else [0] * len(shares)
         for steps, label in ((args.steps, "denoise"), (1, "one step")):
-            launch_args = [w, gbar, sink, steps, args.layers, layer_bytes, mask, consume, *offsets, *sizes]
-            ms = _median_ms(kernel, launch_args, blocks, (args.consumer_warps + 1) * 32, smem, args.reps)
+            launch_args = [w, gbar, sink, steps, args.layers, layer_bytes, mask, consume, counter, *offsets, *sizes]
+            ms = _median_ms(kernel, launch_args, gbar, blocks, (args.consumer_warps + 1) * 32, smem, args.reps)
             gbytes = (total if stream else 0) * steps * args.layers / 1e9
             per_layer_step = round(1e3 * ms / (steps * args.layers), 3)
             row = {"ms": round(ms, 4), "tb_per_s": round(gbytes / ms, 3), "us_per_layer_step": per_layer_step}
