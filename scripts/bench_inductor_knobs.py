@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python scripts/bench_inductor_knobs.py OUT.json [SETTING ...]   # default: all settings
 
-Settings: inductor's defaults; one-pass row reductions up to 2048 wide (`WideRowChoices`);
+Settings: inductor's defaults; one-pass row reductions up to 2048 wide (`pi05eval.engines.wide_rows`);
 `triton.multi_kernel` (both reduction forms generated, the faster picked at run time; off in the engine: a second
 process loading the compile cache fails in torch 2.11); `triton.enable_pdl`, `combo_kernels`, `max_autotune_pointwise`,
 `aggressive_fusion` (each within 0.03 ms of the default on an H200). Measured earlier and dropped:
@@ -22,35 +22,11 @@ from typing import Any
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.choices import InductorChoices
-from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
 from pi05eval.bench import environment, graph_median_ms, random_model
 from pi05eval.engines.fast import FastPi05
-
-MAX_ROW = 2048
-
-
-class WideRowChoices(InductorChoices):
-    """Inductor makes a row (INNER) reduction one pass, the row in registers, only up to 1024 columns; wider rows loop
-    and read their inputs twice. This subclass of its heuristics allows one pass up to MAX_ROW (SigLIP's 1152-wide
-    LayerNorms, Gemma's 2048-wide RMSNorms); installed with V.set_choices_handler around a compilation (inductor
-    reads its `inductor_choices_class` setting only once per process)."""
-
-    @staticmethod
-    def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
-        if (
-            inductor_config.triton.persistent_reductions
-            and not cooperative_reduction
-            and features.get_reduction_hint() == ReductionHint.INNER
-            and V.graph.sizevars.statically_known_leq(features.reduction_numel, MAX_ROW)
-        ):
-            return True
-        return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-
-    def uuid(self) -> str:  # part of inductor's cache key
-        return f"WideRowChoices/{MAX_ROW}"
-
+from pi05eval.engines.wide_rows import WideRowChoices
 
 SETTINGS = {  # name: (inductor config patch, one-pass rows up to 2048)
     "default": ({}, False),

@@ -18,7 +18,7 @@ from pi05eval.engines.fast import FastPi05, Shortcuts
 
 SHORTCUTS = (
     "trim_prefix", "fold_time", "fuse_qkv", "fuse_gate_up", "fuse_vision_qkv", "pad_vision_mlp", "gelu_epilogue",
-    "rope_table", "static_kv",
+    "patch_gemm", "rope_table", "static_kv",
 )  # fmt: skip
 ALL_OFF = dict.fromkeys(SHORTCUTS, False)
 
@@ -51,9 +51,9 @@ def test_padded_vision_mlp_keeps_fp32_actions(fuse_vision_qkv) -> None:
     model = random_model("tiny", torch.device("cpu"), seed=4, overrides={"vision_mlp_dim": 200}).set_precision("fp32")
     inputs = libero_inputs(model.cfg, batch=1, prompt_len=17, seed=2)
     fast = FastPi05(model, 2, Shortcuts(fuse_vision_qkv=fuse_vision_qkv))
-    assert fast.vision_mlp is not None and fast.vision_mlp[0][0].shape == (256, model.cfg.vision_width)
+    assert fast.siglip.mlp is not None and fast.siglip.mlp[0][0].shape == (256, model.cfg.vision_width)
     plain = FastPi05(model, 2, Shortcuts(fuse_vision_qkv=fuse_vision_qkv, pad_vision_mlp=False))
-    assert plain.vision_mlp[0][0].shape == (200, model.cfg.vision_width)  # gelu_epilogue's unpadded weights
+    assert plain.siglip.mlp[0][0].shape == (200, model.cfg.vision_width)  # gelu_epilogue's unpadded weights
     ref = model.sample_actions(*inputs, num_steps=2)
     for f in (fast, plain):
         assert (f.sample(*inputs) - ref).abs().max() <= 1e-5
@@ -172,3 +172,49 @@ def test_multi_kernel_needs_the_default_mode() -> None:
     assert CompileOptions(multi_kernel=True).mode == "default"
     with pytest.raises(ValueError, match="multi_kernel needs mode='default', not 'max-autotune'"):
         CompileOptions(multi_kernel=True, mode="max-autotune")
+
+
+def test_wide_rows_is_keyed_apart_and_scoped_to_the_build(fp32_model) -> None:
+    from torch._inductor.virtualized import V
+
+    from pi05eval.engines.wide_rows import WideRowChoices, one_pass_rows
+
+    keys = {
+        wide: CompiledEngine(fp32_model, 2, options=CompileOptions(compile=False, wide_rows=wide)).key
+        for wide in (False, True)
+    }
+    assert keys[False] != keys[True]  # a cache file of one setting never serves the other
+    before = type(V.choices)
+    with one_pass_rows():
+        assert isinstance(V.choices, WideRowChoices)
+    assert type(V.choices) is before and before is not WideRowChoices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("width", [1152, 2048])
+def test_wide_rows_compile_a_norm_as_one_pass_with_the_same_values(width) -> None:
+    """Residual add + LayerNorm at SigLIP's / Gemma's widths: a looped reduction by default, one pass (inductor's
+    `triton_per_` kernels) under `one_pass_rows`, both within fp32 rounding of eager."""
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    from pi05eval.engines.wide_rows import one_pass_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, r = (torch.randn(544, width, device="cuda", generator=gen) for _ in range(2))
+    w, b = (torch.randn(width, device="cuda", generator=gen) for _ in range(2))
+
+    def norm(x, r, w, b):
+        return F.layer_norm(x + r, (width,), w, b, eps=1e-6)
+
+    ref = norm(x, r, w, b)
+    for wide in (False, True):
+        torch._dynamo.reset()
+        with one_pass_rows() if wide else nullcontext(), torch._inductor.config.patch(fx_graph_cache=False):
+            out, code = run_and_get_code(torch.compile(norm, dynamic=False), x, r, w, b)
+        source = "\n".join(code)
+        assert ("triton_per_" in source) == wide and ("triton_red_" in source) != wide
+        assert (out - ref).abs().max() <= 1e-4

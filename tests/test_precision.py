@@ -210,7 +210,8 @@ def test_real_kernels_reproduce_modelopts_calibrated_fake_quantization(tiny, fmt
         real = q.model.sample_actions(*calls[2], num_steps=2)
         sim = apply_plan(copy.deepcopy(model), PrecisionPlan.parse({**spec, "simulate": True}), loop)
         simulated = sim.model.sample_actions(*calls[2], num_steps=2)
-        fast = FastPi05(q.model, 2, Shortcuts()).sample(*calls[2])  # fused Q/K/V and gate/up of real layers
+        # fused Q/K/V and gate/up of real layers; patch_gemm off: its fp32 summation order can tip a quantizer's tie
+        fast = FastPi05(q.model, 2, Shortcuts(patch_gemm=False)).sample(*calls[2])
         # a second process: the scales come from the cache, no calibration runs
         ran.clear()
         again = apply_plan(copy.deepcopy(model), plan, None, scales_cache=cache)

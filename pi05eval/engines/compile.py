@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +55,9 @@ class CompileOptions:
     # H200: vision 1.76 -> 1.72 ms, prefill 4.00 -> 3.95 ms, same build time; but a second process that loads the
     # compile cache fails in inductor (torch 2.11), so it is off by default
     multi_kernel: bool = False
+    # row reductions (SigLIP's LayerNorms, 1152 wide; Gemma's RMSNorms, 2048) generated as one pass over the row held
+    # in registers instead of inductor's two-pass loop above 1024 columns (`wide_rows.py`); exact up to fp32 order
+    wide_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.multi_kernel and self.mode != "default":
@@ -187,6 +191,7 @@ class CompiledEngine(BucketedEngine):
             batch,
             self.options.mode,
             self.options.multi_kernel,
+            self.options.wide_rows,
             self.options.triton_denoise and self.device.type == "cuda" and batch <= TRITON_MAX_BATCH,
             gpu,
             torch.__version__,
@@ -213,6 +218,14 @@ class CompiledEngine(BucketedEngine):
         tmp.write_bytes(saved[0])
         os.replace(tmp, self.cache_file)
 
+    def _compiling(self) -> AbstractContextManager[None]:
+        """The context the stages compile in (they compile on their first call, inside `_graphs`)."""
+        if self.options.compile and self.options.wide_rows:
+            from pi05eval.engines.wide_rows import one_pass_rows
+
+            return one_pass_rows()
+        return nullcontext()
+
     def denoise(self, noise, ks, vs, key_mask) -> torch.Tensor:
         return self.fast.denoise(noise, ks, vs, key_mask, update=self._update)
 
@@ -236,7 +249,7 @@ class CompiledEngine(BucketedEngine):
         if key not in self.graphs:
             t0 = time.perf_counter()
             g = _Graphs(self, bucket, keep)
-            with torch.no_grad():
+            with torch.no_grad(), self._compiling():
                 if self.use_graphs:
                     g.capture()
                 else:

@@ -15,6 +15,9 @@ itself stays plain. Each shortcut can be switched off for A/B:
                   bias copy) and give fc2 an aligned K;
 * `gelu_epilogue` on CUDA, SigLIP's fc1 + bias + tanh-GELU as one cuBLASLt call (`torch._addmm_activation`): GELU is
                   applied to the fp32 result in the GEMM's epilogue, one bf16 rounding fewer than a separate GELU;
+* `patch_gemm`    SigLIP's patch embedding (a stride-14 convolution in fp32) as one fp32 GEMM over the image's
+                  14 x 14 x 3 patches, the same products and sums as the convolution up to fp32 order. Off: not yet
+                  timed in the engine (an earlier unfold-based version measured within noise, vision 1.98 vs 2.00 ms);
 * `rope_table`    RoPE cos / sin of every position a call can use (0 .. prefix + horizon) computed once at build time;
                   a call gathers its rows by position instead of evaluating pow / cos / sin (inductor inlines those
                   into every layer's rotation kernel). Same function of the same integer positions;
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pi05eval.engines.fast_vision import FastVision
 from pi05eval.model.attention import apply_rope, attention
 from pi05eval.model.pi05 import Pi05Model, euler_schedule
 
@@ -63,6 +67,7 @@ class Shortcuts:
     sdpa_prefix: bool = False  # measured slower on an H200 (prefill 4.9 vs 4.2 ms): off by default
     pad_vision_mlp: bool = True
     gelu_epilogue: bool = True
+    patch_gemm: bool = False  # not yet timed in the engine on a GPU
     rope_table: bool = True
     triton_softmax: bool = True
     triton_prefix: bool = False  # measured slower on an H200 (28 vs 23.5 µs per layer): off by default
@@ -131,26 +136,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out.view(b, h, n, hd).transpose(1, 2).reshape(b, n, h * hd)
 
 
-def _mlp_weights(mlp: torch.nn.Module, multiple: int) -> tuple[torch.Tensor, ...] | None:
-    """(fc1 weight [Hp, D], fc1 bias [Hp], fc2 weight [D, Hp], fc2 bias [D]) with the hidden size H zero-padded to Hp,
-    the next multiple of `multiple` (1: as they are); None unless fc1 and fc2 are plain nn.Linear with biases."""
-    fc1, fc2 = mlp.fc1, mlp.fc2
-    if any(type(f) is not torch.nn.Linear or f.bias is None for f in (fc1, fc2)):
-        return None
-    hidden = fc1.out_features
-    padded = -(-hidden // multiple) * multiple
-    with torch.no_grad():
-        if padded == hidden:
-            return fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(), fc2.bias.detach()
-        w1 = fc1.weight.new_zeros(padded, fc1.in_features)
-        w1[:hidden] = fc1.weight
-        b1 = fc1.bias.new_zeros(padded)
-        b1[:hidden] = fc1.bias
-        w2 = fc2.weight.new_zeros(fc2.out_features, padded)
-        w2[:, :hidden] = fc2.weight
-    return w1, b1, w2, fc2.bias.detach()
-
-
 def _heads(y: torch.Tensor, n: int, hd: int) -> torch.Tensor:
     b, length, _ = y.shape
     return y.view(b, length, n, hd).transpose(1, 2)  # [B, n, L, hd]
@@ -168,16 +153,7 @@ class FastPi05:
         self.times, self.dt = euler_schedule(num_steps)
         self.llm = [_Proj(layer, shortcuts, shortcuts.triton_geglu) for layer in model.llm.layers]
         self.expert = [_Proj(layer, shortcuts) for layer in model.expert.layers]
-        self.vision_qkv = None  # per SigLIP layer, one module computing [q | k | v]
-        if shortcuts.fuse_vision_qkv:
-            from pi05eval.precision.linear import fuse_linears
-
-            fused = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) for a in (x.attn for x in model.vision.layers)]
-            self.vision_qkv = fused if all(f is not None for f in fused) else None
-        self.vision_mlp = None  # per SigLIP layer, (fc1 w, fc1 b, fc2 w, fc2 b), the hidden size padded if asked
-        if shortcuts.pad_vision_mlp or shortcuts.gelu_epilogue:
-            weights = [_mlp_weights(layer.mlp, 128 if shortcuts.pad_vision_mlp else 1) for layer in model.vision.layers]
-            self.vision_mlp = weights if all(w is not None for w in weights) else None
+        self.siglip = FastVision(model, shortcuts)
         self.rope_tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> cos, sin [N, hd]
         if shortcuts.rope_table:
             dev = model.action_in.weight.device
@@ -204,36 +180,7 @@ class FastPi05:
 
     def vision(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, N_kept, 3, 224, 224] -> image tokens [B, N_kept * 256, width] (compute dtype)."""
-        m, enc = self.model, self.model.vision
-        if self.vision_qkv is None and self.vision_mlp is None:
-            return m.embed_images(images)
-        b, n = images.shape[:2]
-        x = enc.patch_embed(images.flatten(0, 1).to(enc.patch_embed.weight.dtype))  # [B*N, D, 16, 16]
-        x = (x.flatten(2).transpose(1, 2) + enc.pos_embed).to(enc.compute_dtype)  # [B*N, T, D]
-        for i, layer in enumerate(enc.layers):
-            h = layer.norm1(x)
-            if self.vision_qkv is None:
-                x = x + layer.attn(h)
-            else:
-                nt, t, d = x.shape
-                heads = layer.attn.heads
-                qkv = self.vision_qkv[i](h).view(nt, t, 3, heads, d // heads)
-                q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B*N, h, T, hd]
-                att = F.scaled_dot_product_attention(q, k, v, scale=(d // heads) ** -0.5)
-                x = x + layer.attn.o_proj(att.transpose(1, 2).reshape(nt, t, d))
-            h = layer.norm2(x)
-            x = x + (layer.mlp(h) if self.vision_mlp is None else self._vision_mlp(self.vision_mlp[i], h))
-        tokens = m.projector(enc.norm(x))  # [B*N, T, width]
-        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
-
-    def _vision_mlp(self, weights: tuple[torch.Tensor, ...], h: torch.Tensor) -> torch.Tensor:
-        """SigLIP's MLP on h [B*N, T, D] with the (possibly padded) weights of `_mlp_weights`."""
-        w1, b1, w2, b2 = weights
-        if self.s.gelu_epilogue and h.is_cuda:  # aten's CPU kernel would apply the erf GELU
-            a = torch._addmm_activation(b1, h.flatten(0, -2), w1.t(), use_gelu=True).view(*h.shape[:-1], -1)
-        else:
-            a = F.gelu(F.linear(h, w1, b1), approximate="tanh")  # [B*N, T, hidden]
-        return F.linear(a, w2, b2)
+        return self.siglip(images)
 
     def prefill(
         self, img_tokens: torch.Tensor, img_mask: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
