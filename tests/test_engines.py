@@ -109,7 +109,14 @@ def test_engine_specs_parse_and_reject_unknown_options() -> None:
     with pytest.raises(ValueError, match="choices: eager, compile, tensorrt"):
         parse_engine_spec("onnx")
     # each engine takes its own options
-    assert parse_engine_spec("tensorrt:-trim_prefix,optimization_level=5").options == {"optimization_level": "5"}
+    assert parse_engine_spec("tensorrt:-trim_prefix,optimization_level=5").options == {"optimization_level": 5}
+    # values take their option's type: a written "false" switches off, it is not a true string
+    typed = parse_engine_spec("compile:triton_denoise=false,buckets=32/64,cache_dir=none,mode=default").options
+    assert typed == {"triton_denoise": False, "buckets": (32, 64), "cache_dir": None, "mode": "default"}
+    with pytest.raises(ValueError, match=r"engine option triton_denoise='maybe': expected bool"):
+        parse_engine_spec("compile:triton_denoise=maybe")
+    with pytest.raises(ValueError, match=r"engine option buckets='32/x': expected tuple\[int, \.\.\.\]"):
+        parse_engine_spec("compile:buckets=32/x")
     with pytest.raises(ValueError, match="unknown engine option 'mode=default'"):
         parse_engine_spec("tensorrt:mode=default")
 

@@ -44,6 +44,32 @@ def _options_class(engine: str) -> type:
     return CompileOptions
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def coerce_option(owner: type, name: str, value: Any) -> Any:
+    """An option's value as written in a spec (`true`, `5`, `32/64`, `none`) -> the type of `owner`'s field `name`
+    (a dataclass of options); other values pass through. A text that does not parse names the option and the type."""
+    if not isinstance(value, str):
+        return value
+    kind = str(next(f.type for f in fields(owner) if f.name == name))
+    text = value.strip().lower()
+    if "None" in kind and text in ("none", "null"):
+        return None
+    try:
+        if kind.startswith("bool"):
+            return _BOOLS[text]
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        if kind.startswith("tuple[int"):
+            return tuple(int(part) for part in text.split("/"))
+    except (KeyError, ValueError):
+        raise ValueError(f"engine option {name}={value!r}: expected {kind}") from None
+    return value
+
+
 def parse_engine_spec(text: str) -> EngineSpec:
     """`compile:-trim_prefix,-cuda_graph,mode=default` → EngineSpec (a leading `-` switches a flag off)."""
     name, _, rest = text.partition(":")
@@ -59,7 +85,7 @@ def parse_engine_spec(text: str) -> EngineSpec:
         elif not eq and flag in option_names:
             options[flag] = not key.startswith("-")
         elif eq and key in option_names:
-            options[key] = value
+            options[key] = coerce_option(_options_class(name), key, value)
         else:
             raise ValueError(
                 f"unknown engine option {item!r}; flags: {sorted(short_names | set(option_names))}, "
@@ -83,9 +109,7 @@ def build_engine(
         return TensorRTEngine(model, num_steps, shortcuts, options, batch_size, precision, enabled_precisions)
     from pi05eval.engines.compile import CompiledEngine, CompileOptions
 
-    options = dict(spec.options)
-    if "buckets" in options and isinstance(options["buckets"], str):
-        options["buckets"] = tuple(int(b) for b in options["buckets"].split("/"))
+    options = {k: coerce_option(CompileOptions, k, v) for k, v in spec.options.items()}
     return CompiledEngine(
         model, num_steps, Shortcuts(**spec.shortcuts), CompileOptions(**options), batch_size, precision
     )

@@ -129,21 +129,13 @@ class TensorRTOptions:
     @classmethod
     def from_spec(cls, options: Mapping[str, Any]) -> TensorRTOptions:
         """Engine-spec options (values may be strings: `buckets=32/64`, `optimization_level=5`) -> options."""
-        kinds = {f.name: f.type for f in fields(cls)}
-        out: dict[str, Any] = {}
-        for key, value in options.items():
-            if key not in kinds:
-                raise ValueError(f"unknown tensorrt engine option {key!r}; choices: {sorted(kinds)}")
-            if isinstance(value, str):
-                kind = str(kinds[key])
-                if key == "buckets":
-                    value = tuple(int(b) for b in value.split("/"))
-                elif kind.startswith("bool"):
-                    value = value.lower() in ("1", "true", "yes", "on")
-                elif kind.startswith("int"):
-                    value = None if value.lower() == "none" else int(value)
-            out[key] = value
-        return cls(**out)
+        from pi05eval.engines import coerce_option
+
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown tensorrt engine option {unknown[0]!r}; choices: {sorted(names)}")
+        return cls(**{key: coerce_option(cls, key, value) for key, value in options.items()})
 
 
 def compile_settings(enabled_precisions: Iterable[torch.dtype], options: TensorRTOptions) -> dict[str, Any]:
