@@ -135,6 +135,18 @@ def test_tiny_pi05_policy_runs_a_libero_episode_end_to_end(tmp_path, tiny_bundle
     assert summary["latency_ms"]["n"] == 4
 
 
+def test_the_command_line_runs_a_pi05_policy_in_a_fresh_process(tmp_path, tiny_bundle) -> None:
+    """`python -m pi05eval` as a user types it: the suite's LIBERO import opens Mesa's GL library before the policy
+    imports Triton, which used to crash the process (segfault) unless Triton was loaded first."""
+    cmd = [sys.executable, "-m", "pi05eval", "policy=eager_fp32", f"policy.checkpoint={tiny_bundle}", *SHORT]
+    cmd += ["policy.device=cpu", "suite.trials_per_task=1", f"output_dir={tmp_path}"]
+    env = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    (rec,) = _records(tmp_path)
+    assert rec["status"] == "failure" and rec["calls"] == 4
+
+
 def test_a_bad_checkpoint_fails_before_any_simulation_naming_the_keys(tmp_path, tiny_bundle) -> None:
     import shutil
 

@@ -41,7 +41,23 @@ def configure_rendering(backend: str | None = None) -> str:
     os.environ["MUJOCO_GL"] = gl
     if gl in ("osmesa", "egl"):
         os.environ.setdefault("PYOPENGL_PLATFORM", gl)
+        load_triton_before_gl()
     return gl
+
+
+def load_triton_before_gl() -> None:
+    """Import Triton now, if it is installed, before mujoco opens a GL library.
+
+    Mesa's OSMesa / EGL libraries bring their own LLVM, which PyOpenGL loads into the global symbol scope; Triton's
+    compiler library imported after them crashes the process (a segfault inside `import triton`, measured with mujoco
+    3.2.3 + Mesa 22.3 + Triton 3.9 under `MUJOCO_GL=osmesa` and `egl`). A Pi0.5 policy imports Triton later in the
+    same process (torch.compile, the Triton kernels, even `torch.nn.init` under a device context), so it is loaded
+    first here (~0.2 s); in that order both work.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 
 class _RenderGate:
