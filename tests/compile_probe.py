@@ -1,6 +1,7 @@
 """Build the compile engine for a very small random Pi0.5 in a fresh process and report what happened (JSON).
 
-Used by tests/test_engines.py to check compile-vs-eager agreement and the on-disk cache across processes.
+Used by tests/test_engines.py to check compile-vs-eager agreement, the on-disk cache across processes, and that calls
+under `torch.inference_mode` (as the policy makes them) compile nothing more than one graph per stage and bucket.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ if __name__ == "__main__":
     engine = CompiledEngine(model, 2, options=CompileOptions(cache_dir=sys.argv[1]))
     build_s = engine.prepare([12])
     out = engine.sample_actions(*inputs)
+    graphs_one_bucket = counters["stats"]["unique_graphs"]
+    # as the policy calls it: under inference mode, a built bucket and a new one (built there), then outside again
+    with torch.inference_mode():
+        engine.sample_actions(*inputs)
+        longer = libero_inputs(model.cfg, 1, prompt_len=40)  # the 64 bucket
+        engine.sample_actions(*longer)
+    engine.sample_actions(*longer)
     print(
         json.dumps(
             {
@@ -31,6 +39,8 @@ if __name__ == "__main__":
                 "fx_misses": counters["inductor"]["fxgraph_cache_miss"],
                 "build_s": build_s,
                 "max_abs_diff": float((out - ref).abs().max()),
+                "graphs_one_bucket": graphs_one_bucket,
+                "graphs_two_buckets": counters["stats"]["unique_graphs"],
                 "ref_scale": float(ref.abs().max()),
             }
         )

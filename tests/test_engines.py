@@ -141,7 +141,11 @@ def test_compiled_engine_matches_eager_and_its_cache_serves_a_second_process(tmp
     for r in runs:  # bf16 rounding: eager bf16 vs fp32 differ by ~5e-3 on actions of scale ~3
         assert r["max_abs_diff"] <= 2e-2 * max(1.0, r["ref_scale"])
     assert not cold["cache_loaded"] and cold["fx_misses"] > 0 and cold["fx_hits"] == 0
+    # both buckets come from the cache files (one file per bucket: a single file saved twice served only the last)
     assert warm["cache_loaded"] and warm["fx_hits"] > 0 and warm["fx_misses"] == 0
+    for r in runs:  # vision, prefill, denoise step compiled once; a second bucket adds prefill and denoise only,
+        # whatever the caller's grad mode (no recompiles under inference mode)
+        assert r["graphs_one_bucket"] == 3 and r["graphs_two_buckets"] == 5
 
 
 @pytest.mark.gpu

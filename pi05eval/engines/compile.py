@@ -5,7 +5,8 @@ prefill, denoise (all Euler steps) — with CUDA events between them for per-sta
 control flow on GPU values inside. On CUDA the denoise step is, by default, hand-fused Triton kernels (5 per expert
 layer, `triton_denoise.py`) instead of inductor's. Inputs are copied into static buffers; the output buffer is
 reused by the next call. Compiled artifacts are cached on disk (`torch.compiler` cache artifacts, keyed by model
-config, precision, steps, shortcuts, batch, GPU and torch version) so a second process skips the cold build.
+config, precision, steps, shortcuts, batch, GPU and torch version; one file per built bucket) so a second process
+skips the cold build.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,16 @@ class CompileOptions:
     def __post_init__(self) -> None:
         if self.multi_kernel and self.mode != "default":
             raise ValueError(f"multi_kernel needs mode='default', not {self.mode!r} (a mode or options, not both)")
+
+
+@contextmanager
+def _plain_no_grad() -> Iterator[None]:
+    """Grad off and inference mode off, whatever the caller's modes: the compiled stages always run, and the static
+    buffers are always made, in one mode. Otherwise a call under `torch.inference_mode` (as the policy makes) after a
+    build outside it fails dynamo's guards and recompiles inside the timed call, and a bucket built under it has
+    inference-tensor buffers that a later call outside inference mode cannot write."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 class _Graphs:
@@ -149,7 +160,9 @@ class CompiledEngine(BucketedEngine):
         self.use_graphs = options.cuda_graph and self.device.type == "cuda"
         self.buckets = self.bucket_set(options.buckets, model.cfg.max_token_len)
         self.key = self._cache_key(precision, num_steps, shortcuts, batch_size)
-        self.cache_file = Path(options.cache_dir or default_cache_dir()) / f"{self.key}.bin"
+        # one file per built (bucket, images): torch keeps one entry per artifact kind when it loads a file, so a file
+        # saved again after a second bucket would serve only that bucket
+        self.cache_dir = Path(options.cache_dir or default_cache_dir()) / self.key
         self.graphs: dict[tuple[int, tuple[int, ...]], _Graphs] = {}
         self.build_s: dict[str, float] = {}
         self.cache_loaded = self._load_cache() if options.compile else False
@@ -199,24 +212,30 @@ class CompiledEngine(BucketedEngine):
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
     def _load_cache(self) -> bool:
-        if not self.cache_file.exists():
-            return False
-        try:
-            torch.compiler.load_cache_artifacts(self.cache_file.read_bytes())
-        except Exception as e:  # a corrupt or incompatible cache only costs a cold build
-            log.warning("ignoring compile cache %s: %s", self.cache_file, e)
-            return False
-        log.info("loaded compile cache %s", self.cache_file)
-        return True
+        loaded = []
+        for path in sorted(self.cache_dir.glob("*.bin")):
+            try:
+                torch.compiler.load_cache_artifacts(path.read_bytes())
+            except Exception as e:  # a corrupt or incompatible file only costs a cold build of its bucket
+                log.warning("ignoring compile cache %s: %s", path, e)
+                continue
+            loaded.append(path.stem)
+        if loaded:
+            log.info("loaded compile cache %s (%s)", self.cache_dir, ", ".join(loaded))
+        return bool(loaded)
 
-    def _save_cache(self) -> None:
+    def _save_cache(self, label: str) -> None:
+        """After building `label`: what this process compiled so far, unless a file for it exists already."""
+        path = self.cache_dir / f"{label}.bin"
+        if path.exists():
+            return
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             return
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_suffix(".tmp")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
         tmp.write_bytes(saved[0])
-        os.replace(tmp, self.cache_file)
+        os.replace(tmp, path)
 
     def _compiling(self) -> AbstractContextManager[None]:
         """The context the stages compile in (they compile on their first call, inside `_graphs`)."""
@@ -248,41 +267,36 @@ class CompiledEngine(BucketedEngine):
         key = (bucket, keep)
         if key not in self.graphs:
             t0 = time.perf_counter()
-            g = _Graphs(self, bucket, keep)
-            with torch.no_grad(), self._compiling():
+            with _plain_no_grad(), self._compiling():
+                g = _Graphs(self, bucket, keep)
                 if self.use_graphs:
                     g.capture()
                 else:
                     g.run_stages()
             self.graphs[key] = g
-            self.build_s[f"bucket{bucket}_img{len(keep)}"] = time.perf_counter() - t0
-            log.info(
-                "built %s engine for bucket %d, %d images in %.1fs",
-                self.name,
-                bucket,
-                len(keep),
-                self.build_s[f"bucket{bucket}_img{len(keep)}"],
-            )
+            label = f"bucket{bucket}_img{len(keep)}"
+            self.build_s[label] = time.perf_counter() - t0
+            log.info("built %s engine: %s in %.1fs", self.name, label, self.build_s[label])
             if self.options.compile:
-                self._save_cache()
+                self._save_cache(label)
         return self.graphs[key]
 
     # ------------------------------------------------------------------------------------------------ calling
 
-    @torch.no_grad()
     def sample_actions(self, images, image_masks, tokens, token_mask, noise, num_steps: int | None = None):
         """Same contract as `Pi05Model.sample_actions`; returns a buffer overwritten by the next call."""
-        bucket, keep, (images, image_masks, tokens, token_mask) = self.route(
-            images, image_masks, tokens, token_mask, num_steps
-        )
-        g = self._graphs(bucket, keep)
-        g.images.copy_(images, non_blocking=True)
-        g.img_mask.copy_(image_masks, non_blocking=True)
-        g.tokens.copy_(tokens, non_blocking=True)
-        g.token_mask.copy_(token_mask, non_blocking=True)
-        g.noise.copy_(noise, non_blocking=True)
-        self.last = g
-        return g()
+        with _plain_no_grad():
+            bucket, keep, (images, image_masks, tokens, token_mask) = self.route(
+                images, image_masks, tokens, token_mask, num_steps
+            )
+            g = self._graphs(bucket, keep)
+            g.images.copy_(images, non_blocking=True)
+            g.img_mask.copy_(image_masks, non_blocking=True)
+            g.tokens.copy_(tokens, non_blocking=True)
+            g.token_mask.copy_(token_mask, non_blocking=True)
+            g.noise.copy_(noise, non_blocking=True)
+            self.last = g
+            return g()
 
     def stage_ms(self) -> dict[str, float]:
         return self.last.stage_ms() if self.last is not None else {}
