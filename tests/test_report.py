@@ -80,6 +80,26 @@ def test_partial_sweep_is_reported_and_left_untouched(tiny_sweep: Path, tmp_path
     assert_readable_png(sweep / "pareto.png")
 
 
+def test_precision_column_shows_the_plan_label(tiny_sweep: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A run's precision is its config's whole plan mapping; the table shows its short label."""
+    import yaml
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, sweep, ignore=shutil.ignore_patterns("wandb"))
+    plan = compose(["policy=compile_bf16", "policy.precision.prefix.mlp=fp8"]).policy.precision
+    config_path = sweep / "0_noop_libero_spatial" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["policy"]["precision"] = OmegaConf.to_container(plan, resolve=True)
+    config_path.write_text(yaml.safe_dump(config))
+    header, *_ = [ln for ln in _report(str(sweep)).stdout.splitlines() if ln.startswith("|")]
+    column = [c.strip() for c in header.strip("|").split("|")].index("precision")
+    rows = {r[0]: r for r in _table_rows((sweep / "report.md").read_text())}
+    assert rows["0_noop_libero_spatial"][column] == "bf16+prefix.mlp=fp8"
+    assert rows["1_noop_libero_spatial"][column] == "-"  # noop: no plan
+
+
 def test_report_logs_to_wandb_offline(tiny_sweep: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     pytest.importorskip("wandb")
     from test_tracking import offline_runs, read_wandb_run
