@@ -1,18 +1,17 @@
 """Latency benchmark of one LIBERO-shaped Pi0.5 call, without the simulator.
 
-    python -m pi05eval.bench --engines eager,compile --steps 10 --calls 100 --out benchmarks/h200.json
+    python -m pi05eval.bench --engines eager compile --steps 10 --calls 100 --out benchmarks/h200.json
 
-Full-size random weights by default (`--bundle DIR` for real ones). Per configuration: build time (apart), warm-up
-(excluded), then timed calls from host inputs to host actions (CUDA synchronized; wall p50/p90/p99/mean/max) with
-CUDA-event times per stage, peak memory, and the max abs difference of the actions against eager bf16 and eager
-fp32 on the same inputs and noise. Ratios are against eager bf16 in the same run. Prints a table, then the whole
-result as one JSON line.
+Full-size random weights by default (`--bundle DIR` times a policy bundle's weights; the prompt tokens are random
+either way). Per configuration: build time (apart), warm-up (excluded), then timed calls from host inputs to host
+actions (CUDA synchronized; wall p50/p90/p99/mean/max) with CUDA-event times per stage, peak memory, and the max abs
+difference of the actions against eager bf16 and eager fp32 on the same inputs and noise. Ratios are against eager
+bf16 in the same run. Prints a table, then the whole result as one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -22,12 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pi05eval.engines import EngineSpec, build_engine, parse_engine_spec
 from pi05eval.metrics import latency_summary
@@ -58,6 +55,15 @@ def random_model(variant: str, device: torch.device, seed: int = 0, overrides: d
     return model.eval()
 
 
+def bundle_model(source: str, device: torch.device) -> Pi05Model:
+    """A policy bundle's model (local dir, `hf:<repo>`, `gs://...`), its checkpoint checked and loaded in bf16."""
+    from pi05eval.model.weights import load_pi05
+    from pi05eval.policy.bundle import resolve_bundle
+
+    bundle = resolve_bundle(source)
+    return load_pi05(bundle.weights, bundle.model_config, precision="bf16", device=device)
+
+
 def libero_inputs(cfg, batch: int, prompt_len: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Host tensors shaped like a LIBERO call: 2 images + a masked third, a `prompt_len`-token prompt padded to 200."""
     g = torch.Generator().manual_seed(seed)
@@ -72,82 +78,6 @@ def libero_inputs(cfg, batch: int, prompt_len: int, seed: int = 0) -> tuple[torc
     token_mask[:, :prompt_len] = True
     noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=g)
     return images, image_masks, tokens, token_mask, noise
-
-
-def calibration_inputs(cfg, count: int, prompt_len: int, path: str | None) -> list[tuple[torch.Tensor, ...]]:
-    """`count` batch-1 calls: recorded LIBERO frames from a calibration file (random prompt tokens: the weights are
-    random too), or synthetic ones."""
-    calls = [libero_inputs(cfg, 1, prompt_len, seed=1000 + i) for i in range(count)]
-    if path:
-        from pi05eval.precision.calibration import load
-
-        observations = load(Path(path)).observations
-        if len(observations) < count:
-            raise ValueError(f"{path} holds {len(observations)} observations, {count} needed")
-        for call, obs in zip(calls, observations, strict=False):
-            for slot, img in enumerate((obs.image, obs.wrist_image)):
-                x = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 127.5 - 1.0  # [1, 3, 224, 224]
-                call[0][0, slot] = F.interpolate(x, size=cfg.image_size, mode="bilinear")[0]
-    return calls
-
-
-def precision_preset(name: str) -> dict[str, Any]:
-    """conf/policy/precision/<name>.yaml composed (its defaults applied), or inline `prefix.mlp=fp8,...`."""
-    if "=" in name:
-        return dict(item.split("=", 1) for item in name.split(","))
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from pi05eval.app import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["policy=eager_bf16", f"policy/precision={name}"])
-    plan = OmegaConf.to_container(cfg.policy.precision, resolve=False)
-    plan.pop("calibration", None)
-    return plan
-
-
-def run_precision(model, name: str, specs, inputs, args, refs, calib) -> list[dict[str, Any]]:
-    """Quantize a copy of the bf16 model per a precision preset, then time every non-eager spec on it."""
-    from pi05eval.precision.plan import PrecisionPlan, check_hardware
-    from pi05eval.precision.quantize import apply_plan, check_engine
-
-    plan = PrecisionPlan.parse(precision_preset(name))
-    dev = model.action_in.weight.device
-    check_engine(plan, "compile")
-    check_hardware(plan, torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None)
-    calib_calls, held = calib[: args.calib_n], calib[args.calib_n :]
-    with torch.no_grad():
-        reference = [
-            model.sample_actions(*[x.to(dev) for x in c], num_steps=args.steps)[0, :, :LIBERO_DIMS]
-            .float()
-            .cpu()
-            .numpy()
-            for c in held
-        ]
-
-    def loop(m) -> None:
-        with torch.no_grad():
-            for c in calib_calls:
-                m.sample_actions(*[x.to(dev) for x in c], num_steps=args.steps)
-
-    t0 = time.perf_counter()
-    quantized = apply_plan(copy.deepcopy(model), plan, loop)
-    quantize_s = time.perf_counter() - t0
-    out = []
-    for spec in specs:
-        if spec.name == "eager" and not args.eager_quantized:
-            continue
-        r = run_config(quantized.model, spec, inputs, args, refs, precision=plan.label, held_out=(held, reference))
-        r.update(quantize_s=quantize_s, layers=quantized.describe()["layers"])
-        if name == args.profile_precision and dev.type == "cuda":  # which kernels the quantized call launches
-            path = f"{args.profile or 'profile'}.{name}.txt"
-            r["profile"] = profile_kernels(quantized.model, spec, inputs, args.steps, path, precision=plan.label)
-        out.append(r)
-    del quantized
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
 
 
 def time_engine(engine, inputs, warmup: int, calls: int) -> dict[str, Any]:
@@ -342,6 +272,7 @@ def format_rows(results: list[dict[str, Any]], base: float | None) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="pi05", help="model variant with random weights (pi05 | tiny)")
+    p.add_argument("--bundle", help="time a policy bundle's weights instead (local dir, hf:<repo>, gs://...)")
     p.add_argument(
         "--engines",
         nargs="+",
@@ -373,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev = torch.device(args.device)
     specs = [parse_engine_spec(s) for s in args.engines]
-    model = random_model(args.variant, dev)
+    model = bundle_model(args.bundle, dev) if args.bundle else random_model(args.variant, dev)
+    weights = f"bundle {args.bundle}" if args.bundle else f"random {args.variant}"
     results: list[dict[str, Any]] = []
     for batch in args.batch:
         inputs = libero_inputs(model.cfg, batch, args.prompt_len)
@@ -397,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save_partial(args.out, results)
                 log.info("%s batch %d steps %d: p50 %.2f ms", r["name"], batch, steps, r["wall_ms"]["p50"])
             if args.precisions and batch == 1:
+                from pi05eval.bench_precision import calibration_inputs, run_precision
+
                 calib = calibration_inputs(model.cfg, args.calib_n + args.holdout, args.prompt_len, args.calib)
                 step_args = argparse.Namespace(**{**vars(args), "steps": steps})
                 for name in args.precisions:
@@ -418,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["speedup_vs_eager"] = base["wall_ms"]["p50"] / r["wall_ms"]["p50"] if base else None
         bf16 = next((x for x in same if x["name"] == r["name"].split("@")[0]), None)
         r["speedup_vs_bf16_same_engine"] = bf16["wall_ms"]["p50"] / r["wall_ms"]["p50"] if bf16 else None
-    out = {"env": environment(), "prompt_len": args.prompt_len, "variant": args.variant, "results": results}
+    out = {"env": environment(), "prompt_len": args.prompt_len, "weights": weights, "results": results}
     if args.profile and dev.type == "cuda":
         out["profile"] = profile_kernels(
             model, specs[-1], libero_inputs(model.cfg, 1, args.prompt_len), args.steps[-1], args.profile
