@@ -222,3 +222,27 @@ def test_real_kernels_reproduce_modelopts_calibrated_fake_quantization(tiny, fmt
     off_sim, off_ref = (real - simulated).abs().max(), (real - reference).abs().max()
     assert off_sim < tol and off_ref > 5 * off_sim, (off_sim, off_ref)
     assert (fast - real).abs().max() < 1e-4
+
+
+def test_calibration_frames_are_recorded_by_the_command_line(tmp_path) -> None:
+    """`python -m pi05eval.precision.calibration` in a fresh process (it once crashed there: the rendering setup
+    imported Triton after LIBERO had opened Mesa's GL library): one observation of task 0's last initial state."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    from pi05eval.precision.calibration import load
+
+    out = tmp_path / "frames.npz"
+    cmd = [sys.executable, "-m", "pi05eval.precision.calibration", "--tasks", "0", "--count", "1", "--out", str(out)]
+    env = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    frames = load(Path(out))
+    (obs,) = frames.observations
+    assert obs.image.shape == obs.wrist_image.shape == (224, 224, 3) and str(obs.image.dtype) == "uint8"
+    assert obs.image.std() > 10 and obs.prompt.startswith("pick up the black bowl")  # a rendered scene, task 0
+    assert frames.meta["init_states"] == {"libero_spatial/0": [49]}

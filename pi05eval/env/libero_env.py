@@ -52,10 +52,15 @@ def load_triton_before_gl() -> None:
     compiler library imported after them crashes the process (a segfault inside `import triton`, measured with mujoco
     3.2.3 + Mesa 22.3 + Triton 3.9 under `MUJOCO_GL=osmesa` and `egl`). A Pi0.5 policy imports Triton later in the
     same process (torch.compile, the Triton kernels, even `torch.nn.init` under a device context), so it is loaded
-    first here (~0.2 s); in that order both work.
+    first here (~0.2 s); in that order both work. Where mujoco is already imported it is too late (importing Triton
+    then is what crashes): nothing is done, and the caller must not need Triton.
     """
     import importlib.util
+    import sys
 
+    if "mujoco" in sys.modules or "OpenGL" in sys.modules:
+        log.debug("mujoco is already imported: Triton is not preloaded")
+        return
     if importlib.util.find_spec("triton") is not None:
         import triton  # noqa: F401
 

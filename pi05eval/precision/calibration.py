@@ -128,6 +128,7 @@ def record(suite: Any, count: int, num_steps_wait: int) -> tuple[list[Observatio
     from pi05eval.env.observation import make_observation
     from pi05eval.env.suite import SuiteConfig, load_tasks
 
+    configure_rendering(None)  # before LIBERO imports mujoco
     fields = _suite_fields(suite)
     tasks = load_tasks(
         SuiteConfig(
@@ -136,7 +137,6 @@ def record(suite: Any, count: int, num_steps_wait: int) -> tuple[list[Observatio
             tasks=None if fields["tasks"] is None else tuple(fields["tasks"]),
         )
     )
-    configure_rendering(None)
     plan: dict[int, list[int]] = {}
     for i in range(count):
         plan.setdefault(i % len(tasks), []).append(LAST_INIT_STATE - i // len(tasks))
