@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pi05eval.env.libero_env import configure_rendering
+from pi05eval.env.libero_env import configure_rendering, load_triton_before_gl
 from pi05eval.env.suite import SuiteConfig, episodes_of, load_tasks
 from pi05eval.env.worker import FaultSpec
 from pi05eval.metrics import format_table, latency_summary, summarize
@@ -95,6 +95,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     runner_cfg = runner_config(cfg.runner)
     results = RunDir(run_dir)
     gl = configure_rendering(runner_cfg.mujoco_gl)
+    load_triton_before_gl()  # the policy runs in this process
     tasks = load_tasks(suite_cfg)
     episodes = episodes_of(tasks, suite_cfg)
 

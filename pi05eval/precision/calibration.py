@@ -124,11 +124,12 @@ def calibration_set(cfg: CalibrationConfig) -> CalibrationSet:
 
 def record(suite: Any, count: int, num_steps_wait: int) -> tuple[list[Observation], dict[str, Any]]:
     """Step LIBERO into `count` initial states of the suite and keep the policy's observation of each."""
-    from pi05eval.env.libero_env import TaskEnv, configure_rendering
+    from pi05eval.env.libero_env import TaskEnv, configure_rendering, load_triton_before_gl
     from pi05eval.env.observation import make_observation
     from pi05eval.env.suite import SuiteConfig, load_tasks
 
     configure_rendering(None)  # before LIBERO imports mujoco
+    load_triton_before_gl()  # a policy being calibrated runs in this process
     fields = _suite_fields(suite)
     tasks = load_tasks(
         SuiteConfig(
