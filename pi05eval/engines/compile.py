@@ -233,7 +233,7 @@ class CompiledEngine(BucketedEngine):
         if saved is None:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # sweep jobs building the same bucket each write their own
         tmp.write_bytes(saved[0])
         os.replace(tmp, path)
 
