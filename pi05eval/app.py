@@ -119,6 +119,12 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     logger = instantiate(cfg.logger, _convert_="all")  # a missing optional backend fails before the policy build
     policy, build_s = build_policy(cfg.policy)
+    horizon = getattr(policy, "action_horizon", None)
+    if horizon is not None and runner_cfg.replan_steps > horizon:  # openpi's client asserts this too
+        raise ValueError(
+            f"runner.replan_steps={runner_cfg.replan_steps} exceeds the {horizon} actions policy "
+            f"{cfg.policy.name!r} predicts per call; use runner.replan_steps <= {horizon}"
+        )
     for task in tasks:
         policy.check_task(task.info)
     warmup_s = policy.warmup()

@@ -9,7 +9,8 @@ from pi05eval.policy.base import ActionChunk, Observation, TaskInfo
 
 
 class FaultyPolicy:
-    """Episode 1: NaN actions; episode 2: a [10, 6] chunk; episode 3: raises; later episodes: hold still."""
+    """Episode 1: NaN actions; episode 2: a [10, 6] chunk; episode 3: raises; episode 4: 3 actions, fewer than the
+    runner replans after; later episodes: hold still."""
 
     needs_privileged = False
     uses_cuda = False
@@ -34,4 +35,6 @@ class FaultyPolicy:
             return ActionChunk(np.zeros((10, 6)))
         if self.episode == 3:
             raise RuntimeError("policy exploded")
+        if self.episode == 4:
+            return ActionChunk(np.tile(DUMMY_ACTION, (3, 1)))
         return ActionChunk(np.tile(DUMMY_ACTION, (10, 1)))

@@ -23,6 +23,13 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "episodes.jsonl").read_text().splitlines()]
 
 
+def test_replanning_beyond_the_action_chunk_is_refused_before_any_episode(tmp_path) -> None:
+    cfg = compose(["policy=noop", *SHORT, "suite.trials_per_task=1", "runner.replan_steps=11"])
+    with pytest.raises(ValueError, match=r"runner.replan_steps=11 exceeds the 10 actions policy 'noop' predicts"):
+        evaluate(cfg, tmp_path)
+    assert not (tmp_path / "episodes.jsonl").exists() or not _records(tmp_path)
+
+
 def test_holding_still_is_a_counted_failure(tmp_path) -> None:
     summary = evaluate(compose(["policy=noop", *SHORT, "suite.trials_per_task=1"]), tmp_path)
     (rec,) = _records(tmp_path)
@@ -35,14 +42,15 @@ def test_holding_still_is_a_counted_failure(tmp_path) -> None:
 
 
 def test_bad_actions_and_policy_exceptions_are_episode_errors(tmp_path) -> None:
-    cfg = compose([*SHORT, "policy=noop", "policy._target_=faulty_policies.FaultyPolicy", "suite.trials_per_task=4"])
+    cfg = compose([*SHORT, "policy=noop", "policy._target_=faulty_policies.FaultyPolicy", "suite.trials_per_task=5"])
     summary = evaluate(cfg, tmp_path)
     recs = sorted(_records(tmp_path), key=lambda r: r["trial"])
-    assert [r["status"] for r in recs] == ["error", "error", "error", "failure"]
+    assert [r["status"] for r in recs] == ["error", "error", "error", "error", "failure"]
     assert "non-finite" in recs[0]["error"]
     assert "shape (10, 6)" in recs[1]["error"]
     assert "policy exploded" in recs[2]["error"]
-    assert summary["success"]["errors"] == 3 and summary["success"]["n"] == 1
+    assert "returned 3 actions, fewer than replan_steps=5" in recs[3]["error"]
+    assert summary["success"]["errors"] == 4 and summary["success"]["n"] == 1
 
 
 def test_a_segfaulting_worker_is_recorded_and_replaced(tmp_path) -> None:

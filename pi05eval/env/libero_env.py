@@ -177,7 +177,10 @@ def run_episode(
             t += 1
             continue
         if not plan:
-            plan = list(query(raw, t)[:replan_steps])
+            chunk = query(raw, t)
+            if len(chunk) < replan_steps:  # never run a shorter plan than asked for in silence
+                raise ValueError(f"the policy returned {len(chunk)} actions, fewer than replan_steps={replan_steps}")
+            plan = list(chunk[:replan_steps])
             calls += 1
         action = plan.pop(0)
         t0 = time.perf_counter()

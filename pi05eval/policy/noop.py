@@ -14,6 +14,7 @@ class NoopPolicy:
 
     def __init__(self, name: str = "noop", action_horizon: int = 10) -> None:
         self.name = name
+        self.action_horizon = action_horizon
         self.chunk = np.tile(np.asarray(DUMMY_ACTION), (action_horizon, 1))  # [H, 7]
 
     def check_task(self, task: TaskInfo) -> None:
