@@ -65,3 +65,12 @@ def test_invalid_runner_values_fail_with_the_key_named() -> None:
         runner_config(compose(["runner.num_envs=0"]).runner)
     with pytest.raises(ValueError, match="exceeds the 50 initial states"):
         suite_config(compose(["suite.trials_per_task=51"]).suite)
+
+
+def test_the_scripted_policy_follows_the_runners_replanning() -> None:
+    """It estimates the arm's speed from the actions the runner executes between its calls."""
+    from hydra.utils import instantiate
+
+    for replan in (5, 3):
+        cfg = compose(["policy=scripted", f"runner.replan_steps={replan}"])
+        assert instantiate(cfg.policy).replan_steps == replan
