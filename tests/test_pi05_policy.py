@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pi05eval.engines.tensorrt import MissingBackendError
 from pi05eval.policy.base import ActionChunk, Observation, Policy, TaskInfo
-from pi05eval.policy.pi05 import Pi05Policy, build_pi05_policy
+from pi05eval.policy.pi05 import Pi05Policy, build_pi05_policy, dummy_observation
 from pi05eval.policy.tokenizer import PromptTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +82,18 @@ def test_pipeline_matches_hand_built_model_inputs(policy: Pi05Policy, tiny: Path
     stats = policy.norm_stats["actions"]
     want = (raw[:, :7] + 1) / 2 * (stats.q99 - stats.q01 + 1e-6) + stats.q01
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_warmup_builds_only_the_buckets_of_the_checked_tasks(tiny: Path) -> None:
+    """The warm-up call uses a task's own instruction: no engine bucket is built that the run's prompts never use."""
+    p = build_pi05_policy("tiny_compile", tiny, precision="fp32", device="cpu", engine="compile", engine_options={
+        "compile": False, "buckets": [32, 64]})  # fmt: skip
+    long_prompt = "pick up the black bowl between the plate and the ramekin and place it on the plate"
+    p.check_task(TaskInfo("libero_spatial", 0, long_prompt, ()))
+    assert 32 < p.tokenizer(long_prompt).num_tokens <= 64
+    assert p.tokenizer(dummy_observation().prompt).num_tokens <= 32  # the default warm-up prompt: bucket 32
+    p.warmup()
+    assert [bucket for bucket, _ in p.engine.graphs] == [64]
 
 
 def test_long_prompt_is_truncated_and_reported(policy: Pi05Policy, caplog: pytest.LogCaptureFixture) -> None:

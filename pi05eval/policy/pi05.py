@@ -80,6 +80,7 @@ class Pi05Policy:
         self.norm_stats = dict(norm_stats)
         self.norm = norm
         self._prompt_lengths: set[int] = set()
+        self._warmup_prompt: str | None = None  # a checked task's instruction: the warm-up call's prompt
         self.precision_report: dict[str, Any] | None = None  # set when a precision plan was applied
         self.attach_engine(engine)
         self._generator = torch.Generator().manual_seed(seed)
@@ -107,6 +108,7 @@ class Pi05Policy:
         state = np.zeros(LIBERO_STATE_DIM) if self.tokenizer.prompt_format == "pi05" else None
         tok = self.tokenizer(task.language, state)
         self._prompt_lengths.add(tok.num_tokens)
+        self._warmup_prompt = self._warmup_prompt or task.language
         if tok.truncated:
             logger.warning("%s task %d: prompt truncated to %d tokens", task.suite, task.task_id, tok.num_tokens)
 
@@ -123,8 +125,8 @@ class Pi05Policy:
         if self.engine is not None:  # build every prompt bucket the tasks need before the first timed call
             self.engine.prepare(self._prompt_lengths or {self.tokenizer(dummy_observation().prompt).num_tokens})
         state = self._generator.get_state()
-        try:
-            self.infer(dummy_observation())
+        try:  # with a task's prompt, the call lands in a bucket built above (the default one may not be needed)
+            self.infer(dummy_observation(self._warmup_prompt) if self._warmup_prompt else dummy_observation())
         finally:
             self._generator.set_state(state)
         if self.uses_cuda:
