@@ -67,10 +67,10 @@ class CompileOptions:
 
 @contextmanager
 def _plain_no_grad() -> Iterator[None]:
-    """Grad off and inference mode off, whatever the caller's modes: the compiled stages always run, and the static
-    buffers are always made, in one mode. Otherwise a call under `torch.inference_mode` (as the policy makes) after a
+    """Grad off and inference mode off, whatever the caller's modes: a bucket is always built, and its compiled stages
+    always run without graphs, in one mode. Otherwise a call under `torch.inference_mode` (as the policy makes) after a
     build outside it fails dynamo's guards and recompiles inside the timed call, and a bucket built under it has
-    inference-tensor buffers that a later call outside inference mode cannot write."""
+    inference-tensor buffers that a later call outside inference mode cannot write. Graph replays need neither."""
     with torch.inference_mode(False), torch.no_grad():
         yield
 
@@ -119,8 +119,9 @@ class _Graphs:
         self.graphs = [g_vision, g_prefill, g_denoise]
 
     def __call__(self) -> torch.Tensor:
-        if not self.graphs:
-            return self.run_stages()
+        if not self.graphs:  # the compiled stages run (and are guarded) in the mode they were built in
+            with _plain_no_grad():
+                return self.run_stages()
         ev = self.events
         ev[0].record()
         for g, end in zip(self.graphs, ev[1:], strict=True):
@@ -283,20 +284,20 @@ class CompiledEngine(BucketedEngine):
 
     # ------------------------------------------------------------------------------------------------ calling
 
+    @torch.no_grad()
     def sample_actions(self, images, image_masks, tokens, token_mask, noise, num_steps: int | None = None):
         """Same contract as `Pi05Model.sample_actions`; returns a buffer overwritten by the next call."""
-        with _plain_no_grad():
-            bucket, keep, (images, image_masks, tokens, token_mask) = self.route(
-                images, image_masks, tokens, token_mask, num_steps
-            )
-            g = self._graphs(bucket, keep)
-            g.images.copy_(images, non_blocking=True)
-            g.img_mask.copy_(image_masks, non_blocking=True)
-            g.tokens.copy_(tokens, non_blocking=True)
-            g.token_mask.copy_(token_mask, non_blocking=True)
-            g.noise.copy_(noise, non_blocking=True)
-            self.last = g
-            return g()
+        bucket, keep, (images, image_masks, tokens, token_mask) = self.route(
+            images, image_masks, tokens, token_mask, num_steps
+        )
+        g = self._graphs(bucket, keep)  # built in plain mode: its buffers take writes in any mode
+        g.images.copy_(images, non_blocking=True)
+        g.img_mask.copy_(image_masks, non_blocking=True)
+        g.tokens.copy_(tokens, non_blocking=True)
+        g.token_mask.copy_(token_mask, non_blocking=True)
+        g.noise.copy_(noise, non_blocking=True)
+        self.last = g
+        return g()
 
     def stage_ms(self) -> dict[str, float]:
         return self.last.stage_ms() if self.last is not None else {}
