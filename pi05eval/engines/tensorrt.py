@@ -53,6 +53,7 @@ from pi05eval.engines.export import (
     weights_fingerprint,
 )
 from pi05eval.engines.fast import FastPi05, Shortcuts
+from pi05eval.errors import SetupError
 from pi05eval.policy.bundle import cache_root
 from pi05eval.precision.plan import MIN_CAPABILITY
 
@@ -68,7 +69,7 @@ INSTALL_HINT = (
 )
 
 
-class MissingBackendError(RuntimeError):
+class MissingBackendError(SetupError, RuntimeError):
     """An engine's backend (package or hardware) is not available on this machine."""
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pi05eval.errors import SetupError
 from pi05eval.model.config import Pi05Config
 from pi05eval.model.pi05 import Pi05Model, Precision
 
@@ -96,7 +97,7 @@ _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 _OURS_TO_OPENPI = {ours: theirs for theirs, ours in OPENPI_KEY_MAP.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SetupError, ValueError):
     """A checkpoint whose keys or shapes do not match the model config; the message names the keys."""
 
 

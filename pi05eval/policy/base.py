@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from pi05eval.errors import SetupError
+
 ACTION_DIM = 7  # OSC_POSE delta (xyz, axis-angle) + gripper (-1 open, +1 close)
 
 
@@ -46,7 +48,7 @@ class TaskInfo:
     goal: tuple[tuple[str, ...], ...]  # BDDL goal predicates, e.g. (("on", "akita_black_bowl_1", "plate_1"),)
 
 
-class UnsupportedTaskError(ValueError):
+class UnsupportedTaskError(SetupError, ValueError):
     """Raised by `Policy.check_task` for a task the policy cannot attempt."""
 
 

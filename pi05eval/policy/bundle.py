@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pi05eval.errors import SetupError
 from pi05eval.policy.transforms import NormStats
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ _GS_RE = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]*)(?:/(?P<path>.*))?$"
 _CHUNK = 1 << 20
 
 
-class BundleError(RuntimeError):
+class BundleError(SetupError, RuntimeError):
     """A bundle cannot be resolved: the message names what is missing and where it was looked for."""
 
 

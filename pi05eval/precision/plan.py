@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pi05eval.errors import SetupError
+
 COMPONENTS: tuple[str, ...] = ("vision", "prefix.attn", "prefix.mlp", "expert.attn", "expert.mlp", "heads", "kv_cache")
 FLOAT_FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 QUANT_FORMATS: tuple[str, ...] = ("fp8", "int8", "w4a16", "nvfp4")
@@ -37,7 +39,7 @@ CALIBRATION_SOURCES: tuple[str, ...] = ("initial_states",)
 MIN_CAPABILITY: dict[str, tuple[int, int]] = {"fp8": (8, 9), "int8": (7, 5), "nvfp4": (10, 0)}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(SetupError, ValueError):
     """A precision plan that is malformed or that this engine / hardware cannot run."""
 
 

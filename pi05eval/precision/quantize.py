@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pi05eval.errors import SetupError
 from pi05eval.precision import scales
 from pi05eval.precision.linear import CastLinear, Nvfp4SimLinear, int4_group
 from pi05eval.precision.plan import QUANT_FORMATS, PrecisionError, PrecisionPlan, default_format
@@ -49,7 +50,7 @@ REAL_FORMATS: dict[str, tuple[str, ...]] = {
 WHY_NOT = {"nvfp4": "torch has no NVFP4 GEMM for it (TensorRT on a Blackwell GPU has)"}
 
 
-class MissingQuantBackend(ImportError):
+class MissingQuantBackend(SetupError, ImportError):
     pass
 
 
