@@ -7,7 +7,6 @@ and whether it supports each task) is checked before the first env starts.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from pi05eval.env.libero_env import configure_rendering, load_triton_before_gl
 from pi05eval.env.suite import SuiteConfig, episodes_of, load_tasks
 from pi05eval.env.worker import FaultSpec
-from pi05eval.errors import SetupError
+from pi05eval.errors import run_command
 from pi05eval.metrics import format_table, latency_summary, summarize
 from pi05eval.policy.base import Policy
 from pi05eval.results import RunDir, environment_info
@@ -202,10 +201,4 @@ def write_summary(results: RunDir, wanted: set, manifest: Mapping[str, Any], cfg
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=cfg.get("log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        evaluate(cfg, HydraConfig.get().runtime.output_dir)
-    except (SetupError, ValueError) as e:  # an input to fix, found before any episode: its message, no traceback
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(1) from None
+    run_command(lambda: evaluate(cfg, HydraConfig.get().runtime.output_dir))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pi05eval.engines import EngineSpec, build_engine, parse_engine_spec
+from pi05eval.errors import run_command
 from pi05eval.metrics import latency_summary
 from pi05eval.model import Pi05Model, get_config
 
@@ -375,4 +376,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     np.set_printoptions(precision=4)
-    main()
+    run_command(main)

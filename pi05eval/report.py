@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pi05eval.errors import run_command
 from pi05eval.metrics import latency_summary, success_block
 from pi05eval.results import CONFIG, EPISODES, MANIFEST, SUMMARY
 
@@ -343,4 +344,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, FileNotFoundError)

@@ -4,9 +4,12 @@ checked against eager on the same inputs and noise."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from pi05eval.bench import main
 from pi05eval.policy.bundle import BundleError
@@ -36,3 +39,10 @@ def test_bench_refuses_a_missing_bundle_before_timing(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="policy bundle directory not found"):
         main(["--bundle", str(tmp_path / "nope"), "--device", "cpu", "--out", str(out)])
     assert not out.exists()
+
+
+def test_the_bench_command_states_a_bad_engine_option_without_a_traceback() -> None:
+    cmd = [sys.executable, "-m", "pi05eval.bench", "--variant", "tiny", "--device", "cpu", "--engines", "compile:nope"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "ValueError: unknown engine option 'nope'" in proc.stderr and "Traceback" not in proc.stderr

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pi05eval.errors import run_command
 from pi05eval.policy.base import Observation
 from pi05eval.policy.bundle import cache_root
 from pi05eval.precision.plan import CalibrationConfig, PrecisionError
@@ -187,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
