@@ -27,6 +27,7 @@ def test_bench_times_each_engine_on_a_bundle_and_writes_json(tiny: Path, tmp_pat
         wall = r["wall_ms"]
         assert wall["n"] == len(r["raw_ms"]) == 5 and 0 < wall["p50"] <= wall["p99"] <= wall["max"]
         assert (r["batch"], r["steps"], r["precision"]) == (1, 2, "bf16")
+        assert r["triton_denoise"] is False  # the Triton denoise runs on CUDA only
     assert eager["max_abs_diff"]["eager_bf16"] == 0.0 and eager["speedup_vs_eager"] == 1.0
     assert fast["speedup_vs_eager"] == pytest.approx(eager["wall_ms"]["p50"] / fast["wall_ms"]["p50"])
     # the fast path in bf16: within bf16 rounding of eager bf16, and about as far from fp32 as eager bf16 is
