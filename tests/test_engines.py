@@ -229,3 +229,21 @@ def test_wide_rows_compile_a_norm_as_one_pass_with_the_same_values(width) -> Non
         source = "\n".join(code)
         assert ("triton_per_" in source) == wide and ("triton_red_" in source) != wide
         assert (out - ref).abs().max() <= 1e-4
+
+
+def test_an_engine_with_wide_rows_compiles_its_own_stages(tmp_path) -> None:
+    """Dynamo serves a compiled function to every engine whose inputs pass its guards, which do not cover the inductor
+    settings around the call: a wide_rows engine built after a plain one in the same process reused the plain one's
+    stages (an A/B on an H100 measured the two as one). Its stages compile apart; a second plain engine reuses."""
+    from torch._dynamo.utils import counters
+
+    model = random_model("tiny", torch.device("cpu"), overrides={"depth": 1, "vision_depth": 1, "vocab_size": 512})
+    torch._dynamo.reset()
+    graphs = []
+    for wide in (False, True, False):
+        engine = CompiledEngine(
+            model.set_precision("fp32"), 2, options=CompileOptions(wide_rows=wide, cache_dir=str(tmp_path))
+        )
+        engine.prepare([12])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == 2 * graphs[0] and graphs[2] == graphs[1], graphs

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,8 +62,9 @@ class CompileOptions:
     wide_rows: bool = False
 
     def __post_init__(self) -> None:
-        if self.multi_kernel and self.mode != "default":
-            raise ValueError(f"multi_kernel needs mode='default', not {self.mode!r} (a mode or options, not both)")
+        for name in ("multi_kernel", "wide_rows"):
+            if getattr(self, name) and self.mode != "default":
+                raise ValueError(f"{name} needs mode='default', not {self.mode!r} (a mode or options, not both)")
 
 
 @contextmanager
@@ -168,11 +170,17 @@ class CompiledEngine(BucketedEngine):
         self.build_s: dict[str, float] = {}
         self.cache_loaded = self._load_cache() if options.compile else False
 
+        inductor: dict[str, Any] = {"triton.multi_kernel": 1} if options.multi_kernel else {}
+        if options.compile and options.wide_rows:
+            from pi05eval.engines.wide_rows import compile_options
+
+            inductor.update(compile_options())
+
         def wrap(fn):
             if not options.compile:
                 return fn
-            if options.multi_kernel:
-                return torch.compile(fn, options={"triton.multi_kernel": 1}, dynamic=False, fullgraph=True)
+            if inductor:  # options instead of a mode (__post_init__ checks the mode is "default")
+                return torch.compile(fn, options=inductor, dynamic=False, fullgraph=True)
             return torch.compile(fn, mode=options.mode, dynamic=False, fullgraph=True)
 
         self.vision, self.prefill, self._update = (

@@ -43,6 +43,15 @@ class WideRowChoices(InductorChoices):
         return f"pi05eval.WideRowChoices/{MAX_ROW}"
 
 
+def compile_options() -> dict[str, Any]:
+    """`torch.compile` options of a stage compiled with one-pass rows. Dynamo keeps one compiled entry per function,
+    guarded by the inputs and the backend's options, not by the inductor settings around the call: without these
+    options a stage compiled one way would be served to an engine of the other within one process."""
+    if not hasattr(inductor_config, "inductor_choices_class"):
+        raise RuntimeError("wide_rows needs a torch whose inductor has the `inductor_choices_class` setting")
+    return {"inductor_choices_class": WideRowChoices}
+
+
 @contextmanager
 def one_pass_rows() -> Iterator[None]:
     """Inside: torch.compile'd code generates row reductions up to MAX_ROW wide as one pass."""
