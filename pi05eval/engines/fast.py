@@ -16,8 +16,8 @@ itself stays plain. Each shortcut can be switched off for A/B:
 * `gelu_epilogue` on CUDA, SigLIP's fc1 + bias + tanh-GELU as one cuBLASLt call (`torch._addmm_activation`): GELU is
                   applied to the fp32 result in the GEMM's epilogue, one bf16 rounding fewer than a separate GELU;
 * `patch_gemm`    SigLIP's patch embedding (a stride-14 convolution in fp32) as one fp32 GEMM over the image's
-                  14 x 14 x 3 patches, the same products and sums as the convolution up to fp32 order. Off: not yet
-                  timed in the engine (an earlier unfold-based version measured within noise, vision 1.98 vs 2.00 ms);
+                  14 x 14 x 3 patches, the same products and sums as the convolution up to fp32 order. Off: one
+                  H100 run measured vision 1.848 -> 1.814 ms, not yet confirmed on an H200;
 * `rope_table`    RoPE cos / sin of every position a call can use (0 .. prefix + horizon) computed once at build time;
                   a call gathers its rows by position instead of evaluating pow / cos / sin (inductor inlines those
                   into every layer's rotation kernel). Same function of the same integer positions;
@@ -67,7 +67,7 @@ class Shortcuts:
     sdpa_prefix: bool = False  # measured slower on an H200 (prefill 4.9 vs 4.2 ms): off by default
     pad_vision_mlp: bool = True
     gelu_epilogue: bool = True
-    patch_gemm: bool = False  # not yet timed in the engine on a GPU
+    patch_gemm: bool = False  # one H100 run: vision -0.03 ms; off until an H200 A/B confirms it
     rope_table: bool = True
     triton_softmax: bool = True
     triton_prefix: bool = False  # measured slower on an H200 (28 vs 23.5 µs per layer): off by default
