@@ -48,7 +48,7 @@ def compile_options() -> dict[str, Any]:
     guarded by the inputs and the backend's options, not by the inductor settings around the call: without these
     options a stage compiled one way would be served to an engine of the other within one process."""
     if not hasattr(inductor_config, "inductor_choices_class"):
-        raise RuntimeError("wide_rows needs a torch whose inductor has the `inductor_choices_class` setting")
+        raise ValueError("engine option wide_rows needs a torch with the inductor setting `inductor_choices_class`")
     return {"inductor_choices_class": WideRowChoices}
 
 
