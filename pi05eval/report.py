@@ -231,11 +231,11 @@ def _ms(value: float | None) -> str:
 def _precision_text(precision: Any) -> str | None:
     """A run's precision plan as its short label (`bf16`, `bf16+prefix.mlp=fp8`, `+sim`), not its whole mapping."""
     if isinstance(precision, Mapping):
-        from pi05eval.precision.plan import PrecisionError, PrecisionPlan
+        from pi05eval.precision.plan import PrecisionPlan
 
         try:
             return PrecisionPlan.parse(precision).label
-        except (PrecisionError, TypeError, ValueError):  # a plan of another version: its items, as written
+        except (TypeError, ValueError):  # a plan of another version (PrecisionError is a ValueError): its items
             return ",".join(f"{k}={v}" for k, v in precision.items())
     return None if precision is None else str(precision)
 
