@@ -32,10 +32,21 @@ log = logging.getLogger("pi05eval")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+def task_ids(tasks: Any) -> tuple[int, ...] | None:
+    """`suite.tasks` as given on the command line: null (all), one id (`suite.tasks=3`) or a list of ids."""
+    if tasks is None:
+        return None
+    ids = tasks if isinstance(tasks, list | tuple) else [tasks]
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+    if bad or not ids:
+        raise ValueError(f"suite.tasks must be task ids (integers), e.g. [0,3] or 3; got {tasks!r}")
+    return tuple(ids)
+
+
 def suite_config(cfg: DictConfig) -> SuiteConfig:
     d = OmegaConf.to_container(cfg, resolve=True)
     d["suites"] = tuple(d["suites"])
-    d["tasks"] = None if d.get("tasks") is None else tuple(int(t) for t in d["tasks"])
+    d["tasks"] = task_ids(d.get("tasks"))
     return SuiteConfig(**d)
 
 

@@ -86,6 +86,15 @@ def test_invalid_runner_values_fail_with_the_key_named() -> None:
         runner_config(compose(["runner.num_envs=0"]).runner)
     with pytest.raises(ValueError, match="exceeds the 50 initial states"):
         suite_config(compose(["suite.trials_per_task=51"]).suite)
+    for tasks in ("[a]", "[]", "[1.5]"):
+        with pytest.raises(ValueError, match=r"suite\.tasks must be task ids"):
+            suite_config(compose([f"suite.tasks={tasks}"]).suite)
+
+
+def test_one_task_id_selects_that_task() -> None:
+    assert suite_config(compose(["suite.tasks=3"]).suite).tasks == (3,)
+    assert suite_config(compose(["suite.tasks=[0,3]"]).suite).tasks == (0, 3)
+    assert suite_config(compose([]).suite).tasks is None
 
 
 def test_the_scripted_policy_follows_the_runners_replanning() -> None:
