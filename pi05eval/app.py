@@ -169,8 +169,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     try:
         logger.log_config(OmegaConf.to_container(cfg, resolve=True), str(results.path))
         progress = Progress(len(episodes), list(keep.values()), runner_cfg.progress, logger, persist)
+        interrupted = False
         try:
             run(policy, todo, runner_cfg, progress, video_dir=str(results.videos), mujoco_gl=gl)
+        except KeyboardInterrupt:  # Ctrl-C: what finished is on record; the summary says it is partial
+            interrupted = True
         finally:
             progress.close()
             session["wall_s"] = time.perf_counter() - t0
@@ -181,6 +184,12 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         logger.close()
     print(format_table(summary))
     print(f"results: {results.path}")
+    if interrupted:
+        n = summary["episodes"]
+        raise KeyboardInterrupt(
+            f"interrupted with {n} of {len(wanted)} episodes on record; the same command with "
+            f"output_dir={results.path} resumes"
+        )
     return summary
 
 

@@ -19,7 +19,7 @@ class SetupError(Exception):
 
 def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
     """Run a command line's body: a SetupError, a ValueError (bad values) or one of `also` ends it with its message
-    and exit status 1."""
+    and exit status 1; Ctrl-C ends it with one line and status 130."""
     try:
         main()
     except (SetupError, ValueError, *also) as e:
@@ -27,3 +27,8 @@ def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
             raise
         logging.getLogger("pi05eval").error("%s: %s", type(e).__name__, e)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as e:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        logging.getLogger("pi05eval").warning("%s", e or "interrupted")
+        raise SystemExit(130) from None  # the shell's status for a command ended by SIGINT

@@ -186,9 +186,12 @@ def run(
                 if w.worker_id not in flight or not (w.conn in ready or w.proc.sentinel in ready):
                     continue
                 _serve(w, flight[w.worker_id], finish)
-    finally:
+    except BaseException:  # Ctrl-C or a bug: the episodes in flight are dropped (a rerun runs them), not waited for
         for w in workers:
-            w.close()
+            w.kill()
+        raise
+    for w in workers:
+        w.close()
 
 
 def _serve(w: WorkerHandle, ep: _Episode, finish: Callable[[WorkerHandle, dict[str, Any]], None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -97,6 +98,39 @@ def test_resume_after_kill_loses_nothing_and_duplicates_nothing(tmp_path) -> Non
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["episodes"] == 3
     assert len(json.loads((run_dir / "manifest.json").read_text())["sessions"]) == 2
+
+
+def test_ctrl_c_stops_at_once_keeping_what_finished(tmp_path) -> None:
+    """SIGINT to the process group (what Ctrl-C sends): the episodes in flight are dropped, not waited for, and not
+    recorded as errors; the summary is written as partial; the same command finishes the rest."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pi05eval", "policy=noop", *SHORT, "suite.trials_per_task=3", "runner.num_envs=2"]
+    cmd.append(f"output_dir={run_dir}")
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    episodes = run_dir / "episodes.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=20)  # not the 30 s a worker mid-episode would be given to finish
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = (out + err).decode()
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert "episodes on record; the same command with output_dir=" in out
+    before = _records(run_dir)
+    assert 1 <= len(before) < 3 and all(r["status"] == "failure" for r in before)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not summary["complete"] and summary["episodes"] == len(before)
+    states = subprocess.run(["ps", "-o", "stat=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    assert all(s.startswith("Z") for s in states.split()), f"processes of the run still alive: {states}"
+
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(r["trial"] for r in _records(run_dir)) == [0, 1, 2]
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,7 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
 
 def worker_main(conn: Connection, worker_id: int, opts: WorkerOptions) -> None:
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process handles it
     os.environ.update(opts.extra_env)
     from pi05eval.env.libero_env import TaskEnv, configure_rendering, run_episode
     from pi05eval.env.observation import make_observation
