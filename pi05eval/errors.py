@@ -30,5 +30,5 @@ def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
     except KeyboardInterrupt as e:
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        logging.getLogger("pi05eval").warning("%s", e or "interrupted")
+        logging.getLogger("pi05eval").warning("%s", str(e) or "interrupted")
         raise SystemExit(130) from None  # the shell's status for a command ended by SIGINT
