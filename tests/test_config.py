@@ -104,3 +104,21 @@ def test_the_scripted_policy_follows_the_runners_replanning() -> None:
     for replan in (5, 3):
         cfg = compose(["policy=scripted", f"runner.replan_steps={replan}"])
         assert instantiate(cfg.policy).replan_steps == replan
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "line"), [(KeyboardInterrupt(), "interrupted"), (KeyboardInterrupt("3 of 5"), "3 of 5")]
+)
+def test_a_command_interrupted_by_ctrl_c_ends_with_status_130(interrupt, line, caplog, monkeypatch) -> None:
+    from pi05eval.errors import TRACEBACK_ENV, run_command
+
+    def body() -> None:
+        raise interrupt
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit) as ended:
+        run_command(body)
+    assert ended.value.code == 130 and caplog.records[-1].getMessage() == line
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_command(body)
