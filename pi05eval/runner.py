@@ -188,7 +188,7 @@ def run(
                 _serve(w, flight[w.worker_id], finish)
     except BaseException:  # Ctrl-C or a bug: the episodes in flight are dropped (a rerun runs them), not waited for
         for w in workers:
-            w.kill()
+            w.stop()
         raise
     for w in workers:
         w.close()

@@ -4,7 +4,9 @@ Main → worker: ("episode", EpisodeSpec) · ("actions", [K, 7]) · ("abort", re
 Worker → main: ("obs", Observation) · ("done", dict) · ("failed", traceback) · ("aborted",)
 
 A worker that dies (segfault, OOM kill) closes its pipe; the main process sees it and records the episode in
-flight as an error. Workers exit when the main process dies (parent-death signal, and EOF on the pipe).
+flight as an error. Workers exit when the main process dies (parent-death signal, and EOF on the pipe). Ctrl-C is
+the main process's to handle (workers ignore SIGINT): it stops the workers with SIGTERM, on which a worker drops its
+episode in flight, finishes the video it may still be encoding for an episode already recorded, and exits.
 """
 
 from __future__ import annotations
@@ -82,10 +84,13 @@ def _inject(fault: FaultSpec) -> None:
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    """Encode to `<name>.part.mp4`, then rename: a write cut short never leaves a truncated file under `path`."""
     import imageio.v2 as imageio
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+    part = path.with_name(f"{path.stem}.part{path.suffix}")
+    imageio.mimwrite(part, frames, fps=fps, macro_block_size=1)
+    os.replace(part, path)
 
 
 def worker_main(conn: Connection, worker_id: int, opts: WorkerOptions) -> None:
@@ -99,6 +104,12 @@ def worker_main(conn: Connection, worker_id: int, opts: WorkerOptions) -> None:
     configure_rendering(opts.mujoco_gl)
     videos = ThreadPoolExecutor(max_workers=1)
     pending_video: Future | None = None
+
+    def stop(signum: int, frame: Any) -> None:  # `WorkerHandle.stop`: the episode in flight is dropped, not the video
+        videos.shutdown(wait=True)  # of the last recorded one, which may still be encoding
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     env: TaskEnv | None = None
     try:
         while True:
@@ -208,6 +219,13 @@ class WorkerHandle:
             self.proc.kill()
         self.proc.join(timeout=10)
         self.conn.close()
+
+    def stop(self) -> None:
+        """End the worker now, mid-episode or not, once it has written the video it may still be encoding."""
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=30)
+        self.kill()
 
     def close(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
