@@ -106,6 +106,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     suite_cfg = suite_config(cfg.suite)
     runner_cfg = runner_config(cfg.runner)
     results = RunDir(run_dir)
+    with results.hold():
+        return _evaluate(cfg, suite_cfg, runner_cfg, results)
+
+
+def _evaluate(cfg: DictConfig, suite_cfg: SuiteConfig, runner_cfg: RunnerConfig, results: RunDir) -> dict[str, Any]:
     gl = configure_rendering(runner_cfg.mujoco_gl)
     load_triton_before_gl()  # the policy runs in this process
     tasks = load_tasks(suite_cfg)

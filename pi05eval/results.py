@@ -6,6 +6,8 @@ crash (the only thing `kill -9` can leave behind) is dropped from the file befor
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -13,7 +15,7 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +25,7 @@ from pi05eval.errors import SetupError
 
 log = logging.getLogger(__name__)
 
+LOCK = ".lock"  # held (flock) by the process running into the dir; the OS drops it when that process ends
 EPISODES = "episodes.jsonl"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -47,6 +50,29 @@ class RunDir:
                 f"output dir {self.path} is not writable ({e}); set output_dir=... to another path"
             ) from e
         self.videos = self.path / "videos"
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Run into this dir as its only writer: a second process (the same command started twice, a sweep relaunched
+        over a running one) would run the same episodes again and interleave their records."""
+        fh = (self.path / LOCK).open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunDirError(
+                f"{self.path} is in use by {holder}; wait for it to end (a rerun then resumes) or choose another "
+                "output_dir=..."
+            ) from None
+        try:
+            fh.truncate(0)
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            fh.flush()
+            yield
+        finally:
+            fh.close()  # releases the lock
 
     # ---- episodes -------------------------------------------------------------------------------------------
     def load_records(self) -> list[dict[str, Any]]:

@@ -86,6 +86,20 @@ def test_a_dir_of_another_config_is_refused(tmp_path) -> None:
         rd.check_fingerprint({"policy": "b"})
 
 
+def test_a_second_writer_of_a_run_dir_is_refused_naming_the_first(tmp_path) -> None:
+    from conftest import compose
+
+    from pi05eval.app import evaluate
+
+    cfg = compose(["policy=noop", "suite=libero_spatial", "suite.tasks=[0]", "suite.trials_per_task=1"])
+    with RunDir(tmp_path).hold():
+        with pytest.raises(RunDirError, match=rf"in use by pid {os.getpid()} on .*a rerun then resumes"):
+            evaluate(cfg, tmp_path)
+        assert not (tmp_path / "manifest.json").exists(), "refused before writing anything"
+    with RunDir(tmp_path).hold():  # released when the first writer ends
+        pass
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_dir_is_refused_as_non_root(tmp_path) -> None:
     tmp_path.chmod(0o500)
