@@ -66,6 +66,8 @@ class RunDir:
                 f"{self.path} is in use by {holder}; wait for it to end (a rerun then resumes) or choose another "
                 "output_dir=..."
             ) from None
+        except OSError as e:  # a file system without locks (Lustre mounted without flock, some FUSE): run unguarded
+            log.warning("cannot lock %s (%s): nothing stops a second process from writing into it", self.path, e)
         try:
             fh.truncate(0)
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}")

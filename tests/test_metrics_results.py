@@ -100,6 +100,19 @@ def test_a_second_writer_of_a_run_dir_is_refused_naming_the_first(tmp_path) -> N
         pass
 
 
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd, op) -> None:  # Lustre mounted without flock answers this way; no such mount exists here
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with RunDir(tmp_path).hold():
+        pass
+    assert "nothing stops a second process" in caplog.text
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_dir_is_refused_as_non_root(tmp_path) -> None:
     tmp_path.chmod(0o500)
