@@ -202,6 +202,9 @@ def _serve(w: WorkerHandle, ep: _Episode, finish: Callable[[WorkerHandle, dict[s
         msg = w.conn.recv()
     except (EOFError, OSError):
         reason = w.describe_death()
+        if w.terminated:  # SIGTERM from outside: the job is being shut down; a rerun runs the episode
+            log.warning("env worker %d was terminated (SIGTERM from outside the run): stopping", w.worker_id)
+            raise KeyboardInterrupt from None
         log.error("%s during %s trial %d; restarting it", reason, ep.spec.task.name, ep.spec.trial)
         w.restart()
         finish(w, ep.record("error", error=reason))

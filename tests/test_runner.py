@@ -20,6 +20,22 @@ from pi05eval.policy.bundle import BundleError
 SHORT = ["suite=libero_spatial", "suite.tasks=[0]", "runner.max_steps=20", "runner.progress=false"]
 
 
+def _processes() -> list[dict]:
+    """Every process from /proc (no procps needed): pid, state, parent, process group and command line."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):  # not a process, or it ended meanwhile
+            continue
+        state, ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+        out.append({"pid": int(d.name), "state": state, "ppid": int(ppid), "pgrp": int(pgrp), "cmdline": cmdline})
+    return out
+
+
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "episodes.jsonl").read_text().splitlines()]
 
@@ -124,13 +140,36 @@ def test_ctrl_c_stops_at_once_keeping_what_finished(tmp_path) -> None:
     assert 1 <= len(before) < 3 and all(r["status"] == "failure" for r in before)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert not summary["complete"] and summary["episodes"] == len(before)
-    states = subprocess.run(["ps", "-o", "stat=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
-    assert all(s.startswith("Z") for s in states.split()), f"processes of the run still alive: {states}"
+    alive = [p for p in _processes() if p["pgrp"] == proc.pid and p["state"] != "Z"]
+    assert not alive, f"processes of the run still alive: {alive}"
 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(r["trial"] for r in _records(run_dir)) == [0, 1, 2]
     assert json.loads((run_dir / "summary.json").read_text())["complete"]
+
+
+def test_a_worker_terminated_from_outside_stops_the_run_without_error_records(tmp_path) -> None:
+    """A scheduler preempting the job sends SIGTERM: the episode it cuts short is not the policy's or the simulator's
+    failure, so it is not recorded (as a worker crash would be) and a rerun runs it."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pi05eval", "policy=noop", *SHORT, "suite.trials_per_task=3", f"output_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        episodes = run_dir / "episodes.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
+            time.sleep(0.1)
+        (worker,) = [p for p in _processes() if p["ppid"] == proc.pid and "spawn_main" in p["cmdline"]]
+        os.kill(worker["pid"], signal.SIGTERM)  # the one env worker (the other child is multiprocessing's tracker)
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "was terminated (SIGTERM from outside the run)" in out, out[-3000:]
+    records = _records(run_dir)
+    assert 1 <= len(records) < 3 and all(r["status"] == "failure" for r in records)
+    assert not json.loads((run_dir / "summary.json").read_text())["complete"]
 
 
 @pytest.mark.parametrize(

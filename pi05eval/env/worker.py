@@ -6,7 +6,9 @@ Worker → main: ("obs", Observation) · ("done", dict) · ("failed", traceback)
 A worker that dies (segfault, OOM kill) closes its pipe; the main process sees it and records the episode in
 flight as an error. Workers exit when the main process dies (parent-death signal, and EOF on the pipe). Ctrl-C is
 the main process's to handle (workers ignore SIGINT): it stops the workers with SIGTERM, on which a worker drops its
-episode in flight, finishes the video it may still be encoding for an episode already recorded, and exits.
+episode in flight, finishes the video it may still be encoding for an episode already recorded, and exits with status
+`TERMINATED`. A worker terminated so from outside (a scheduler's preemption) stops the run the same way: its episode
+is not an error of the policy or the simulator.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy as np
 from pi05eval.results import unique_video_path
 
 log = logging.getLogger(__name__)
+
+TERMINATED = 128 + signal.SIGTERM  # a worker's exit status after SIGTERM: the run is being shut down, not a crash
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def worker_main(conn: Connection, worker_id: int, opts: WorkerOptions) -> None:
 
     def stop(signum: int, frame: Any) -> None:  # `WorkerHandle.stop`: the episode in flight is dropped, not the video
         videos.shutdown(wait=True)  # of the last recorded one, which may still be encoding
-        os._exit(0)
+        os._exit(TERMINATED)
 
     signal.signal(signal.SIGTERM, stop)
     env: TaskEnv | None = None
@@ -219,6 +223,11 @@ class WorkerHandle:
             self.proc.kill()
         self.proc.join(timeout=10)
         self.conn.close()
+
+    @property
+    def terminated(self) -> bool:
+        """It ended on SIGTERM: from `stop`, or from outside (a scheduler preempting the job, `kill`)."""
+        return self.proc.exitcode == TERMINATED
 
     def stop(self) -> None:
         """End the worker now, mid-episode or not, once it has written the video it may still be encoding."""
