@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 
 TRACEBACK_ENV = "HYDRA_FULL_ERROR"  # Hydra's own switch, honoured by every command of this package
@@ -19,7 +21,16 @@ class SetupError(Exception):
 
 def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
     """Run a command line's body: a SetupError, a ValueError (bad values) or one of `also` ends it with its message
-    and exit status 1; Ctrl-C ends it with one line and status 130."""
+    and exit status 1. Ctrl-C, and SIGTERM (`kill`, `timeout`, a scheduler), interrupt it like Ctrl-C does: it ends
+    with one line and the shell's status for the signal (130, 143)."""
+    received = [signal.SIGINT]
+
+    def terminate(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
         main()
     except (SetupError, ValueError, *also) as e:
@@ -31,4 +42,7 @@ def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
         logging.getLogger("pi05eval").warning("%s", str(e) or "interrupted")
-        raise SystemExit(130) from None  # the shell's status for a command ended by SIGINT
+        raise SystemExit(128 + received[-1]) from None
+    finally:
+        if in_main_thread and previous is not None:  # None: a handler not set from Python, which stays
+            signal.signal(signal.SIGTERM, previous)
