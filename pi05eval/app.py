@@ -174,11 +174,11 @@ def _evaluate(cfg: DictConfig, suite_cfg: SuiteConfig, runner_cfg: RunnerConfig,
     try:
         logger.log_config(OmegaConf.to_container(cfg, resolve=True), str(results.path))
         progress = Progress(len(episodes), list(keep.values()), runner_cfg.progress, logger, persist)
-        interrupted = False
+        interrupted: KeyboardInterrupt | None = None
         try:
             run(policy, todo, runner_cfg, progress, video_dir=str(results.videos), mujoco_gl=gl)
-        except KeyboardInterrupt:  # Ctrl-C: what finished is on record; the summary says it is partial
-            interrupted = True
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what finished is on record; the summary says it is partial
+            interrupted = e
         finally:
             progress.close()
             session["wall_s"] = time.perf_counter() - t0
@@ -189,9 +189,9 @@ def _evaluate(cfg: DictConfig, suite_cfg: SuiteConfig, runner_cfg: RunnerConfig,
         logger.close()
     print(format_table(summary))
     print(f"results: {results.path}")
-    if interrupted:
+    if interrupted is not None:
         n = summary["episodes"]
-        raise KeyboardInterrupt(
+        raise type(interrupted)(
             f"interrupted with {n} of {len(wanted)} episodes on record; the same command with "
             f"output_dir={results.path} resumes"
         )

@@ -19,15 +19,17 @@ class SetupError(Exception):
     """An input this run cannot use; the message names it and the fix."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the command's exit status tells them apart)."""
+
+
 def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
     """Run a command line's body: a SetupError, a ValueError (bad values) or one of `also` ends it with its message
-    and exit status 1. Ctrl-C, and SIGTERM (`kill`, `timeout`, a scheduler), interrupt it like Ctrl-C does: it ends
-    with one line and the shell's status for the signal (130, 143)."""
-    received = [signal.SIGINT]
+    and exit status 1. Ctrl-C or SIGTERM (`kill`, `timeout`, a scheduler) ends it with one line and the shell's status
+    for that signal (130, 143)."""
 
     def terminate(signum: int, frame: object) -> None:
-        received.append(signal.Signals(signum))
-        raise KeyboardInterrupt
+        raise Terminated
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
@@ -42,7 +44,7 @@ def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
         logging.getLogger("pi05eval").warning("%s", str(e) or "interrupted")
-        raise SystemExit(128 + received[-1]) from None
+        raise SystemExit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)) from None
     finally:
         if in_main_thread and previous is not None:  # None: a handler not set from Python, which stays
             signal.signal(signal.SIGTERM, previous)

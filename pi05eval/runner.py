@@ -22,6 +22,7 @@ import numpy as np
 from pi05eval.env.protocol import NUM_STEPS_WAIT, REPLAN_STEPS, SEED
 from pi05eval.env.suite import EpisodeSpec
 from pi05eval.env.worker import FaultSpec, WorkerHandle, WorkerOptions
+from pi05eval.errors import Terminated
 from pi05eval.metrics import latency_summary
 from pi05eval.policy.base import ACTION_DIM, ActionChunk, Observation, Policy
 from pi05eval.scheduler import TaskScheduler
@@ -204,7 +205,7 @@ def _serve(w: WorkerHandle, ep: _Episode, finish: Callable[[WorkerHandle, dict[s
         reason = w.describe_death()
         if w.terminated:  # SIGTERM from outside: the job is being shut down; a rerun runs the episode
             log.warning("env worker %d was terminated (SIGTERM from outside the run): stopping", w.worker_id)
-            raise KeyboardInterrupt from None
+            raise Terminated from None
         log.error("%s during %s trial %d; restarting it", reason, ep.spec.task.name, ep.spec.trial)
         w.restart()
         finish(w, ep.record("error", error=reason))

@@ -106,19 +106,28 @@ def test_the_scripted_policy_follows_the_runners_replanning() -> None:
         assert instantiate(cfg.policy).replan_steps == replan
 
 
-@pytest.mark.parametrize(
-    ("interrupt", "line"), [(KeyboardInterrupt(), "interrupted"), (KeyboardInterrupt("3 of 5"), "3 of 5")]
-)
-def test_a_command_interrupted_by_ctrl_c_ends_with_status_130(interrupt, line, caplog, monkeypatch) -> None:
+def test_a_command_interrupted_by_ctrl_c_or_sigterm_ends_with_the_signals_status(caplog, monkeypatch) -> None:
+    import signal
+
     from pi05eval.errors import TRACEBACK_ENV, run_command
 
-    def body() -> None:
-        raise interrupt
+    def ctrl_c(message: str = "") -> None:
+        raise KeyboardInterrupt(message) if message else KeyboardInterrupt
+
+    def sigterm() -> None:  # a real SIGTERM to this process, while the command runs
+        os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)
-    with pytest.raises(SystemExit) as ended:
-        run_command(body)
-    assert ended.value.code == 130 and caplog.records[-1].getMessage() == line
+    before = signal.getsignal(signal.SIGTERM)
+    for body, status, line in [
+        (ctrl_c, 130, "interrupted"),
+        (lambda: ctrl_c("3 of 5"), 130, "3 of 5"),
+        (sigterm, 143, "interrupted"),
+    ]:
+        with pytest.raises(SystemExit) as ended:
+            run_command(body)
+        assert ended.value.code == status and caplog.records[-1].getMessage() == line
+    assert signal.getsignal(signal.SIGTERM) is before, "the command's SIGTERM handler is removed after it"
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(KeyboardInterrupt):
-        run_command(body)
+        run_command(ctrl_c)

@@ -168,7 +168,7 @@ def test_a_worker_terminated_from_outside_stops_the_run_without_error_records(tm
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and "was terminated (SIGTERM from outside the run)" in out, out[-3000:]
+    assert proc.returncode == 143 and "was terminated (SIGTERM from outside the run)" in out, out[-3000:]
     records = _records(run_dir)
     assert 1 <= len(records) < 3 and all(r["status"] == "failure" for r in records)
     assert not json.loads((run_dir / "summary.json").read_text())["complete"]
