@@ -20,7 +20,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1.0 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
+    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact at the edges: rounding put 10/10's bound a hair
+    hi = 1.0 if successes == n else min(1.0, center + half)  # below 1, a negative error bar on the report's plot
+    return (lo, hi)
 
 
 def latency_summary(samples_ms: Sequence[float]) -> dict[str, float | int]:

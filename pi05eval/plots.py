@@ -85,6 +85,7 @@ def pareto_plot(runs: Sequence[RunResult], path: Path) -> Path | None:
     y = np.array([100 * r.success["rate"] for r in plotted])  # [R] %
     ci = np.array([[100 * r.success["rate"] - 100 * r.success["ci95"][0] for r in plotted],
                    [100 * r.success["ci95"][1] - 100 * r.success["rate"] for r in plotted]])  # [2, R]  # fmt: skip
+    ci = ci.clip(min=0.0)  # older summaries hold bounds a rounding error inside 0 % and 100 %
     front = pareto_front(list(zip(x.tolist(), y.tolist(), strict=True)))
     fig = _figure(8.0, 5.5)
     ax = fig.add_subplot()

@@ -26,6 +26,11 @@ def test_wilson_interval_matches_published_values(k: int, n: int, lo: float, hi:
     assert got == pytest.approx((lo, hi), abs=1e-4)
 
 
+def test_wilson_interval_is_exact_at_zero_and_full_success() -> None:
+    for n in range(1, 51):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0, n
+
+
 def test_latency_summary_percentiles() -> None:
     samples = list(np.arange(1, 101, dtype=float))  # 1..100 ms
     s = latency_summary(samples)

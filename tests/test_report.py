@@ -123,6 +123,28 @@ def test_pareto_front_keeps_only_undominated_runs() -> None:
     assert pareto_front(points) == [4, 0, 1, 5]
 
 
+def test_the_pareto_plot_draws_runs_at_no_and_full_success(tmp_path: Path) -> None:
+    """Noop baselines score 0 %, easy tasks 100 %: their intervals end at the rate (from older summaries, a rounding
+    error inside it), which must not make a negative error bar."""
+    from pi05eval.plots import pareto_plot
+    from pi05eval.report import RunResult
+
+    def run(name: str, k: int, n: int, ci95: tuple[float, float], p50: float) -> RunResult:
+        success = {"successes": k, "n": n, "rate": k / n, "ci95": ci95, "errors": 0}
+        latency = {"n": 3, "p50": p50, "p99": p50 * 1.1}
+        return RunResult(name=name, path=name, policy=name, engine=None, precision=None, num_steps=None,
+                         suites={"libero_spatial": success}, success=success, latency=latency,
+                         latency_ms=[p50] * 3, fidelity=None, episodes=n, expected=n, complete=True, build_s=None,
+                         label=name)  # fmt: skip
+
+    runs = [
+        run("noop", 0, 50, (5e-17, 0.0713), 0.1),
+        run("scripted", 10, 10, (0.7225, 1.0 - 1e-16), 0.5),
+        run("pi05", 7, 10, (0.3968, 0.8922), 10.0),
+    ]
+    assert_readable_png(pareto_plot(runs, tmp_path / "pareto.png"))
+
+
 def test_labels_name_only_what_varies() -> None:
     a = {"policy": {"name": "eager_bf16", "num_steps": 5}, "suite": {"name": "libero_10"}, "output_dir": "x"}
     b = {"policy": {"name": "eager_bf16", "num_steps": 10}, "suite": {"name": "libero_10"}, "output_dir": "y"}
