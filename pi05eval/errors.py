@@ -1,7 +1,8 @@
-"""The base of the errors a user fixes by changing an input: a config value, a bundle, an installed extra.
+"""How the command lines end: on an error a user fixes by changing an input (a config value, a bundle, an installed
+extra: `SetupError`), and on Ctrl-C or SIGTERM (`Terminated`).
 
-Their messages say what is wrong and what to do; the command lines print the message alone, without a traceback
-(`HYDRA_FULL_ERROR=1` shows it). They are raised before any episode or timed call starts.
+Setup errors say what is wrong and what to do, and are raised before any episode or timed call starts; the command
+lines print the message alone, without a traceback (`HYDRA_FULL_ERROR=1` shows it).
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ def run_command(main: Callable[[], object], *also: type[Exception]) -> None:
     previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
         main()
-    except (SetupError, ValueError, *also) as e:
+    except (SetupError, ValueError, KeyboardInterrupt, *also) as e:
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        logging.getLogger("pi05eval").error("%s: %s", type(e).__name__, e)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt as e:
-        if os.environ.get(TRACEBACK_ENV) == "1":
-            raise
-        logging.getLogger("pi05eval").warning("%s", str(e) or "interrupted")
+        log = logging.getLogger("pi05eval")
+        if not isinstance(e, KeyboardInterrupt):
+            log.error("%s: %s", type(e).__name__, e)
+            raise SystemExit(1) from None
+        log.warning("%s", str(e) or "interrupted")
         raise SystemExit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)) from None
     finally:
         if in_main_thread and previous is not None:  # None: a handler not set from Python, which stays

@@ -36,6 +36,14 @@ def _processes() -> list[dict]:
     return out
 
 
+def _wait_for_a_record(run_dir: Path) -> None:
+    """Until the run in `run_dir` (another process) has recorded its first episode, for at most 5 minutes."""
+    episodes = run_dir / "episodes.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+
+
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "episodes.jsonl").read_text().splitlines()]
 
@@ -97,10 +105,7 @@ def test_resume_after_kill_loses_nothing_and_duplicates_nothing(tmp_path) -> Non
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    episodes = run_dir / "episodes.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
-        time.sleep(0.2)
+    _wait_for_a_record(run_dir)
     os.killpg(proc.pid, signal.SIGKILL)  # main process and env workers, mid-run
     proc.wait()
     before = _records(run_dir)
@@ -125,10 +130,7 @@ def test_ctrl_c_stops_at_once_keeping_what_finished(tmp_path, sig: signal.Signal
     cmd = [sys.executable, "-m", "pi05eval", "policy=noop", *SHORT, "suite.trials_per_task=3", "runner.num_envs=2"]
     cmd.append(f"output_dir={run_dir}")
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    episodes = run_dir / "episodes.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
-        time.sleep(0.1)
+    _wait_for_a_record(run_dir)
     os.killpg(proc.pid, sig)
     try:
         out, err = proc.communicate(timeout=20)  # not the 30 s a worker mid-episode would be given to finish
@@ -158,10 +160,7 @@ def test_a_worker_terminated_from_outside_stops_the_run_without_error_records(tm
     cmd = [sys.executable, "-m", "pi05eval", "policy=noop", *SHORT, "suite.trials_per_task=3", f"output_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        episodes = run_dir / "episodes.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline and not (episodes.exists() and episodes.read_text().count("\n") >= 1):
-            time.sleep(0.1)
+        _wait_for_a_record(run_dir)
         (worker,) = [p for p in _processes() if p["ppid"] == proc.pid and "spawn_main" in p["cmdline"]]
         os.kill(worker["pid"], signal.SIGTERM)  # the one env worker (the other child is multiprocessing's tracker)
         out = proc.communicate(timeout=60)[0].decode()
