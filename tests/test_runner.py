@@ -36,6 +36,10 @@ def _processes() -> list[dict]:
     return out
 
 
+def _live_members(pgrp: int) -> list[dict]:
+    return [p for p in _processes() if p["pgrp"] == pgrp and p["state"] != "Z"]
+
+
 def _wait_for_a_record(run_dir: Path) -> None:
     """Until the run in `run_dir` (another process) has recorded its first episode, for at most 5 minutes."""
     episodes = run_dir / "episodes.jsonl"
@@ -144,7 +148,9 @@ def test_ctrl_c_stops_at_once_keeping_what_finished(tmp_path, sig: signal.Signal
     assert 1 <= len(before) < 3 and all(r["status"] == "failure" for r in before)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert not summary["complete"] and summary["episodes"] == len(before)
-    alive = [p for p in _processes() if p["pgrp"] == proc.pid and p["state"] != "Z"]
+    deadline = time.time() + 10  # a child may still be exiting (reparented, its memory gone) when the main has ended
+    while (alive := _live_members(proc.pid)) and time.time() < deadline:
+        time.sleep(0.1)
     assert not alive, f"processes of the run still alive: {alive}"
 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
